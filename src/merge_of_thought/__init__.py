@@ -1,0 +1,13 @@
+"""Merge-of-Thought distillation for Hugging Face PEFT and TRL.
+
+Each round the student is branched once per teacher, every branch trains a fresh LoRA adapter with TRL's
+SFTTrainer on that teacher's reasoning traces, and the branch deltas are averaged exactly into the student.
+"""
+
+from .merging import LowRankDelta, merge_round
+from .mot_config import MoTConfig
+from .mot_trainer import MoTTrainer
+
+__version__ = "0.1.0"
+
+__all__ = ["LowRankDelta", "MoTConfig", "MoTTrainer", "merge_round", "__version__"]

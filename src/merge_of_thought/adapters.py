@@ -1,0 +1,242 @@
+"""PEFT glue: fresh branch adapters, reading their deltas, and holding the merged student as a frozen fp32 adapter.
+
+The student is ``base + D_t`` where the base model stays exactly as loaded (4-bit, 8-bit, bf16 or fp32: never
+re-quantized) and ``D_t`` lives in a frozen LoRA adapter named :data:`MERGED_ADAPTER` whose fp32 factors are the
+recompressed sum of every merged branch (scaling 1: ``lora_alpha == r``). A branch trains a second, fresh adapter
+on top of it. Because the merged state is an ordinary PEFT LoRA adapter, it saves, loads and exports with PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from .merging import LowRankDelta
+
+MERGED_ADAPTER = "mot_merged"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+_UNSUPPORTED_LORA_OPTIONS = {
+    "use_dora": "DoRA rescales the weight by a trained magnitude, so its change is not a low-rank delta",
+    "lora_bias": "a trained LoRA bias is not part of the low-rank delta that MoT averages",
+    "modules_to_save": "fully trained modules are not low-rank deltas; MoT averages LoRA deltas only",
+    "trainable_token_indices": "trained token embeddings are not low-rank deltas",
+    "target_parameters": "LoRA on raw parameters (MoE experts) is not supported yet",
+}
+
+
+def validate_lora_config(peft_config: object) -> LoraConfig:
+    """Accept only LoRA settings whose trained change is exactly ``B @ A * scaling`` on linear layers."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(
+            f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}: MoT averages LoRA deltas "
+            "(B @ A * scaling) in weight space, which other PEFT methods do not produce."
+        )
+    for option, why in _UNSUPPORTED_LORA_OPTIONS.items():
+        if getattr(peft_config, option, None):
+            raise ValueError(f"LoraConfig({option}={getattr(peft_config, option)!r}) is not supported: {why}.")
+    if peft_config.bias != "none":
+        raise ValueError(f"LoraConfig(bias={peft_config.bias!r}) is not supported: MoT averages weight deltas only.")
+    if peft_config.init_lora_weights not in (True, "gaussian"):
+        raise ValueError(
+            f"LoraConfig(init_lora_weights={peft_config.init_lora_weights!r}) is not supported: a branch must start "
+            "at the student (B = 0), and initialisations such as PiSSA or LoftQ rewrite the base weights."
+        )
+    return peft_config
+
+
+def check_targets(model: PreTrainedModel, peft_config: LoraConfig) -> list[str]:
+    """The names of the linear modules the config adapts; a clear error if it adapts nothing or non-linear layers."""
+    matched, linear_names = [], set()
+    all_linear = peft_config.target_modules == "all-linear"  # PEFT's shorthand: every linear but the output layer
+    output_layer = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear:
+            linear_names.add(name.rsplit(".", 1)[-1])
+        if all_linear:
+            if is_linear and module is not output_layer:
+                matched.append(name)
+        elif name and check_target_module_exists(peft_config, name):
+            if not is_linear:
+                raise ValueError(
+                    f"LoRA target {name!r} is a {type(module).__name__}; MoT merges linear layers only."
+                )
+            matched.append(name)
+    if not matched:
+        raise ValueError(
+            f"LoRA target_modules={peft_config.target_modules!r} match no module of {type(model).__name__}. "
+            f"Its linear layers are named: {', '.join(sorted(linear_names))}."
+        )
+    return matched
+
+
+def add_branch_adapter(
+    model: PreTrainedModel | PeftModel, name: str, peft_config: LoraConfig, seed: int
+) -> PeftModel:
+    """Attach a fresh LoRA adapter (B = 0, A seeded) as the only trainable one, above the frozen merged state."""
+    torch.manual_seed(seed)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, peft_config)
+    else:
+        model = get_peft_model(model, peft_config, adapter_name=name)
+    _activate(model, trainable=name)
+    return model
+
+
+def remove_adapter(model: PeftModel, name: str) -> None:
+    model.delete_adapter(name)
+
+
+def _activate(model: PeftModel, trainable: str | None) -> None:
+    """Make the merged state (if any) and ``trainable`` active; only ``trainable`` gets gradients."""
+    names = [n for n in (MERGED_ADAPTER, trainable) if n is not None and n in model.peft_config]
+    model.base_model.set_adapter(names)
+    model.active_adapter = names[-1]  # PeftModel's own record; the trainer reads the trainable one's config
+    if MERGED_ADAPTER in names:
+        model.set_requires_grad(MERGED_ADAPTER, requires_grad=False)
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """Adapted layers by module name inside the base model (``model.layers.0.self_attn.q_proj``)."""
+    return {name: m for name, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The frozen base weight of an adapted layer in fp32, dequantized for bitsandbytes 4-bit and 8-bit layers.
+
+    Reads the quantized state without touching it: PEFT's ``dequantize_module_weight`` re-assigns an 8-bit weight
+    on the CPU, which drops the scales bitsandbytes moved into ``layer.state`` and breaks the next forward.
+    """
+    base = layer.get_base_layer()
+    weight = base.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if kind == "Int8Params":
+        scales = weight.SCB if weight.SCB is not None else base.state.SCB
+        return weight.data.float() * (scales.float()[:, None] / 127.0)
+    return weight.detach().float()
+
+
+def read_delta(model: PeftModel, adapter: str) -> dict[str, LowRankDelta]:
+    """The fp32 delta ``B @ A * scaling`` of every layer the adapter touches, detached and on the CPU."""
+    deltas = {}
+    for name, layer in lora_layers(model).items():
+        if adapter in layer.lora_A:
+            A = layer.lora_A[adapter].weight.detach().float().cpu()
+            B = layer.lora_B[adapter].weight.detach().float().cpu() * layer.scaling[adapter]
+            deltas[name] = LowRankDelta(B, A)
+    return deltas
+
+
+def merged_adapter_config(
+    merged: Mapping[str, LowRankDelta], base_model_name_or_path: str | None
+) -> LoraConfig:
+    """A plain LoRA config that reproduces ``merged`` with scaling 1, padded to one rank for every layer."""
+    rank = max(d.rank for d in merged.values())
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted(merged),
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def _padded(delta: LowRankDelta, rank: int) -> LowRankDelta:
+    extra = rank - delta.rank
+    if extra == 0:
+        return delta
+    B = torch.cat([delta.B, delta.B.new_zeros(delta.B.shape[0], extra)], dim=1)
+    A = torch.cat([delta.A, delta.A.new_zeros(extra, delta.A.shape[1])], dim=0)
+    return LowRankDelta(B, A)
+
+
+def merged_state_dict(merged: Mapping[str, LowRankDelta], rank: int) -> dict[str, torch.Tensor]:
+    """The merged delta as PEFT's saved state dict (keys ``base_model.model.<module>.lora_{A,B}.weight``)."""
+    state = {}
+    for name, delta in merged.items():
+        padded = _padded(delta, rank)
+        state[f"base_model.model.{name}.lora_A.weight"] = padded.A.contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = padded.B.contiguous()
+    return state
+
+
+def install_merged(model: PeftModel, merged: Mapping[str, LowRankDelta], base_model_name_or_path: str | None) -> None:
+    """Replace the frozen merged-state adapter with ``merged`` (fp32, whatever the base precision)."""
+    config = merged_adapter_config(merged, base_model_name_or_path)
+    if MERGED_ADAPTER in model.peft_config:
+        model.delete_adapter(MERGED_ADAPTER)
+    model.add_adapter(MERGED_ADAPTER, config)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, delta in merged.items():
+            padded = _padded(delta, config.r)
+            layer = layers[name]
+            A, B = layer.lora_A[MERGED_ADAPTER].weight, layer.lora_B[MERGED_ADAPTER].weight
+            layer.lora_A[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.A.to(A.device), requires_grad=False)
+            layer.lora_B[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.B.to(B.device), requires_grad=False)
+    _activate(model, trainable=None)
+
+
+def save_adapter(model: PeftModel, adapter: str, folder: Path, base_model_name_or_path: str | None) -> None:
+    """Write one adapter in PEFT's format (safetensors + adapter_config.json) straight into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, folder / ADAPTER_WEIGHTS)
+    config = LoraConfig(**model.peft_config[adapter].to_dict())
+    config.base_model_name_or_path = base_model_name_or_path
+    config.save_pretrained(folder)
+
+
+def save_merged(merged: Mapping[str, LowRankDelta], folder: Path, base_model_name_or_path: str | None) -> None:
+    """Write the merged state as a PEFT LoRA adapter that applies to the base model the run started from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = merged_adapter_config(merged, base_model_name_or_path)
+    save_file(merged_state_dict(merged, config.r), folder / ADAPTER_WEIGHTS)
+    config.save_pretrained(folder)
+
+
+def load_delta(folder: str | Path) -> dict[str, LowRankDelta]:
+    """Read a saved PEFT LoRA adapter back as fp32 deltas (scaling from its config, including rank/alpha patterns)."""
+    folder = Path(folder)
+    config = LoraConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    deltas = {}
+    for key, A in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len("base_model.model.") : -len(".lora_A.weight")]
+        B = state[key.replace(".lora_A.", ".lora_B.")]
+        r, alpha = _rank_and_alpha(config, module)
+        scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
+        deltas[module] = LowRankDelta(B.float() * scaling, A.float())
+    return deltas
+
+
+def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:
+    rank, alpha = config.r, config.lora_alpha
+    for pattern, value in (config.rank_pattern or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            rank = value
+    for pattern, value in (config.alpha_pattern or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            alpha = value
+    return rank, alpha
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())

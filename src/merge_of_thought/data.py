@@ -1,0 +1,88 @@
+"""Checks on the teachers' data sets, made before any model is loaded or any step is trained."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from datasets import Dataset, IterableDataset
+
+
+def usable_format(column_names: Sequence[str], text_field: str = "text") -> str | None:
+    """The SFT format TRL will read from these columns, or ``None`` if there is none."""
+    columns = set(column_names)
+    if "input_ids" in columns:
+        return "tokenized"
+    if "messages" in columns or "conversations" in columns:
+        return "conversational"
+    if {"prompt", "completion"} <= columns:
+        return "prompt-completion"
+    if text_field in columns:
+        return "language-modeling"
+    return None
+
+
+def validate_teachers(
+    teachers: Mapping[str, Dataset] | None,
+    text_field: str = "text",
+    formatting_func: Callable | None = None,
+    allow_single_teacher: bool = False,
+) -> None:
+    """Raise a ValueError naming the teacher and the problem for anything SFT on it would trip over later."""
+    if not isinstance(teachers, Mapping):
+        raise TypeError(
+            f"teachers must be a dict mapping a teacher name to its datasets.Dataset, got {type(teachers).__name__}."
+        )
+    if len(teachers) == 0:
+        raise ValueError("teachers is empty: MoT needs one data set of reasoning traces per teacher.")
+    if len(teachers) == 1 and not allow_single_teacher:
+        name = next(iter(teachers))
+        raise ValueError(
+            f"Only one teacher ({name!r}) was given. MoT averages branches trained on different teachers; with one "
+            "teacher every round is plain SFT with restarts. Pass at least 2 teachers, or set "
+            "MoTConfig(allow_single_teacher=True) if that is what you want."
+        )
+    for name, dataset in teachers.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"teacher names must be non-empty strings, got {name!r}.")
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"teacher {name!r}: IterableDataset is not supported; MoT re-reads each teacher's data every round. "
+                "Materialise it with Dataset.from_generator or load it without streaming."
+            )
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"teacher {name!r}: expected a datasets.Dataset, got {type(dataset).__name__}.")
+        if len(dataset) == 0:
+            raise ValueError(f"teacher {name!r}: its data set is empty.")
+        if formatting_func is None and usable_format(dataset.column_names, text_field) is None:
+            raise ValueError(
+                f"teacher {name!r}: no usable column among {dataset.column_names}. Expected 'messages' "
+                f"(conversational), 'prompt' and 'completion', or {text_field!r} (plain text), or pass a "
+                "formatting_func."
+            )
+
+
+def normalized_weights(teacher_names: Sequence[str], weights: Mapping[str, float] | Sequence[float] | None) -> list[float]:
+    """Per-teacher merge weights in teacher order: uniform by default, else exactly the user's (summing to 1)."""
+    if weights is None:
+        return [1.0 / len(teacher_names)] * len(teacher_names)
+    if isinstance(weights, Mapping):
+        unknown = sorted(set(weights) - set(teacher_names))
+        missing = sorted(set(teacher_names) - set(weights))
+        if unknown or missing:
+            raise ValueError(
+                f"teacher_weights must name exactly the teachers {list(teacher_names)}; "
+                f"unknown: {unknown}, missing: {missing}."
+            )
+        values = [float(weights[name]) for name in teacher_names]
+    else:
+        values = [float(w) for w in weights]
+        if len(values) != len(teacher_names):
+            raise ValueError(
+                f"teacher_weights has {len(values)} values for {len(teacher_names)} teachers {list(teacher_names)}."
+            )
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"teacher_weights must be finite and non-negative, got {values}.")
+    if not math.isclose(sum(values), 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"teacher_weights must sum to 1, got {values} (sum {sum(values):.6g}).")
+    return values

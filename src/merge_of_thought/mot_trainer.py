@@ -1,0 +1,248 @@
+"""MoTTrainer: Merge-of-Thought distillation with TRL's SFTTrainer branches and an exact low-rank merge.
+
+The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs it::
+
+    for round t = 1..T:
+        for each teacher k:                      # one after another on the one loaded base model
+            attach a fresh LoRA adapter (B = 0)  # the branch starts at the student
+            SFTTrainer(...).train()              # teacher k's traces, max_steps, fresh optimizer and schedule
+            dW_k = B_k @ A_k * scaling           # read in fp32, saved in PEFT format
+        D = D + sum_k w_k dW_k                   # exact, as low-rank factors (merging.py)
+        student = base + D                       # D is a frozen fp32 adapter; the base is never re-quantized
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import TrainerCallback, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import create_model_from_path
+
+from . import adapters
+from .checkpointing import RunFolder
+from .data import normalized_weights, validate_teachers
+from .merging import LowRankDelta, merge_round, summarize
+from .metrics import MetricsLog
+from .mot_config import MoTConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+class MoTTrainer:
+    """Merge-of-Thought distillation of a student from several teachers' reasoning traces.
+
+    Takes the arguments of TRL's :class:`~trl.SFTTrainer`, with ``teachers`` (teacher name -> data set, in any
+    format SFTTrainer reads) in place of ``train_dataset``. ``trainer.train()`` runs all rounds; afterwards
+    ``trainer.model`` is the student (the base model with the merged delta as a frozen adapter).
+
+    Args:
+        model: a Hub id, a local folder, or a loaded causal LM (not a PeftModel: MoT attaches its own adapters).
+        args: a :class:`MoTConfig`; an SFTConfig or TrainingArguments is converted.
+        teachers: ``{teacher name: datasets.Dataset}``, each with a 'messages', 'prompt'/'completion' or text column.
+        processing_class: the tokenizer; loaded from ``model`` when omitted.
+        peft_config: the LoRA settings of every branch. Defaults to r=16, alpha=32 on all linear layers.
+        quantization_config: used when ``model`` is loaded from an id or folder (e.g. 4-bit nf4 for QLoRA).
+        eval_dataset: held-out data; its loss is measured on the merged student after every round.
+        callbacks: transformers callbacks, handed to every branch's SFTTrainer.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: MoTConfig | SFTConfig | TrainingArguments | None = None,
+        teachers: Mapping[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: LoraConfig | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
+        eval_dataset: Dataset | None = None,
+        data_collator: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+    ):
+        self.args = _as_mot_config(args, model)
+        # Every check on the user's input comes before the model is loaded and before any step is trained.
+        validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
+        self.teacher_names = list(teachers)
+        self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
+        self.peft_config = adapters.validate_lora_config(peft_config or LoraConfig(**DEFAULT_LORA))
+        if isinstance(model, PeftModel):
+            raise TypeError(
+                "MoTTrainer was given a PeftModel. Pass the base model and the LoRA settings as peft_config: MoT "
+                "attaches a fresh adapter per branch and keeps the merged rounds in one of its own."
+            )
+        self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
+        if isinstance(model, str):
+            init_kwargs = dict(self.args.model_init_kwargs or {})
+            if quantization_config is not None:
+                init_kwargs["quantization_config"] = quantization_config
+            init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+            model = create_model_from_path(model, **init_kwargs)
+        adapters.check_targets(model, self.peft_config)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(
+                self.base_model_id, trust_remote_code=self.args.trust_remote_code
+            )
+
+        self.model: PreTrainedModel | PeftModel = model
+        self.processing_class = processing_class
+        self.datasets: dict[str, Dataset] = dict(teachers)  # replaced by the tokenized copy on first use
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator
+        self.callbacks = list(callbacks or [])
+        self.formatting_func = formatting_func
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.merged: dict[str, LowRankDelta] | None = None
+        self.run = RunFolder(self.args.output_dir)
+        self.metrics = MetricsLog(self.run.metrics_path, enabled=self.args.process_index == 0)
+
+    # ------------------------------------------------------------------ the algorithm
+    def train(self) -> list[dict[str, Any]]:
+        """Run every round; return the per-round records that also go to ``metrics.jsonl``."""
+        args, rounds = self.args, []
+        self._write_run_info()
+        progress = tqdm(
+            total=args.num_rounds * len(self.teacher_names), desc="MoT branches", disable=args.disable_tqdm
+        )
+        for round_idx in range(1, args.num_rounds + 1):
+            branch_deltas = []
+            for k, teacher in enumerate(self.teacher_names):
+                progress.set_postfix(round=round_idx, teacher=teacher)
+                branch_deltas.append(self._train_branch(round_idx, k, teacher))
+                progress.update()
+            start = time.perf_counter()
+            self.merged, reports = merge_round(
+                self.merged, branch_deltas, self.teacher_weights, args.merge_max_rank, args.merge_rtol
+            )
+            adapters.install_merged(self.model, self.merged, self.base_model_id)  # student += sum_k w_k dW_k
+            merge_seconds = time.perf_counter() - start
+            self._save_round(round_idx, reports)
+            record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports)}
+            record.update(self.evaluate())
+            self.metrics.write(record)
+            rounds.append(record)
+        progress.close()
+        return rounds
+
+    # ------------------------------------------------------------------ one branch
+    def _train_branch(self, round_idx: int, k: int, teacher: str) -> dict[str, LowRankDelta]:
+        """Train a fresh LoRA branch on one teacher from the current student; return its fp32 delta."""
+        name = f"mot_branch_{k}"
+        self.model = adapters.add_branch_adapter(
+            self.model, name, self.peft_config, seed=self._branch_seed(round_idx, k)
+        )
+        trainer = self._sft_trainer(
+            train_dataset=self.datasets[teacher],
+            output_dir=str(self.run.branch_dir(round_idx, teacher)),
+            seed=self._branch_seed(round_idx, k),
+            run_name=f"round{round_idx}/{teacher}",
+        )
+        self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
+        start = time.perf_counter()
+        output = trainer.train()
+        delta = adapters.read_delta(self.model, name)
+        if self.args.save_branch_adapters and self.args.process_index == 0:
+            adapters.save_adapter(self.model, name, self.run.branch_dir(round_idx, teacher), self.base_model_id)
+        adapters.remove_adapter(self.model, name)
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        self.metrics.write(
+            {
+                "type": "branch",
+                "round": round_idx,
+                "teacher": teacher,
+                "steps": output.global_step,
+                "train_loss": output.training_loss,
+                "last_loss": losses[-1] if losses else None,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        return delta
+
+    def _branch_seed(self, round_idx: int, k: int) -> int:
+        """Deterministic and distinct per branch, so each round sees a new data order and a new LoRA init."""
+        return self.args.seed + 1000 * round_idx + k
+
+    def _sft_trainer(self, train_dataset: Dataset, eval_dataset: Dataset | None = None, **overrides) -> SFTTrainer:
+        """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints."""
+        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
+        fields.update(save_strategy="no", push_to_hub=False, eval_strategy="no", load_best_model_at_end=False)
+        fields.update(overrides)
+        trainer = SFTTrainer(
+            model=self.model,
+            args=SFTConfig(**fields),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=self.processing_class,
+            data_collator=self.data_collator,
+            callbacks=self.callbacks,
+            formatting_func=self.formatting_func,
+            optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
+        )
+        if not (trainer.args.bf16 or trainer.args.fp16):
+            # TRL stores QLoRA adapters in bf16; without mixed precision that only loses update bits (and speed
+            # on CPUs), so branches keep fp32 adapters.
+            for param in self.model.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
+        return trainer
+
+    # ------------------------------------------------------------------ evaluation and records
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss of the current student on ``eval_dataset`` (empty when there is none)."""
+        if self.eval_dataset is None or not isinstance(self.model, PeftModel):
+            return {}
+        trainer = self._sft_trainer(
+            train_dataset=self.datasets[self.teacher_names[0]],
+            eval_dataset=self.eval_dataset,
+            output_dir=str(self.run.root / "eval"),
+            report_to=[],
+        )
+        self.eval_dataset = trainer.eval_dataset  # tokenized once
+        return {"eval_loss": trainer.evaluate()["eval_loss"]}
+
+    def _save_round(self, round_idx: int, reports) -> None:
+        if self.args.process_index != 0:
+            return
+        adapters.save_merged(self.merged, self.run.merged_dir(round_idx), self.base_model_id)
+        self.run.write_round(round_idx, self.teacher_names, self.teacher_weights, reports, self.merged)
+
+    def _write_run_info(self) -> None:
+        if self.args.process_index != 0:
+            return
+        self.run.write_run(
+            {
+                "base_model": self.base_model_id,
+                "teachers": self.teacher_names,
+                "teacher_weights": self.teacher_weights,
+                "num_rounds": self.args.num_rounds,
+                "steps_per_branch": self.args.max_steps,
+                "lora": self.peft_config.to_dict(),
+                "seed": self.args.seed,
+            }
+        )
+
+
+def _as_mot_config(args: MoTConfig | TrainingArguments | None, model: str | PreTrainedModel) -> MoTConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return MoTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1] or 'model'}-MoT")
+    if isinstance(args, MoTConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        known = {f.name for f in dataclasses.fields(MoTConfig) if f.init}
+        values = {k: v for k, v in args.to_dict().items() if k in known}
+        values["hub_token"] = args.hub_token
+        return MoTConfig(**values)
+    raise TypeError(f"args must be a MoTConfig, got {type(args).__name__}.")

@@ -1,0 +1,58 @@
+"""Small helpers shared by the tests: a quick MoT run and an independent reading of saved adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from merge_of_thought import MoTConfig, MoTTrainer
+
+
+def quick_config(output_dir, **overrides) -> MoTConfig:
+    values = dict(
+        output_dir=str(output_dir),
+        num_rounds=2,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return MoTConfig(**values)
+
+
+def quick_lora(**overrides) -> LoraConfig:
+    values = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    values.update(overrides)
+    return LoraConfig(**values)
+
+
+def quick_trainer(model, teachers, output_dir, tokenizer=None, lora=None, **config) -> MoTTrainer:
+    return MoTTrainer(
+        model,
+        args=quick_config(output_dir, **config),
+        teachers=teachers,
+        processing_class=tokenizer,
+        peft_config=lora or quick_lora(),
+    )
+
+
+def dense_adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """B @ A * alpha / r per module, read straight from a PEFT folder (independent of merge_of_thought)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    scaling = config["lora_alpha"] / config["r"]
+    out = {}
+    for key, A in state.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            out[module] = state[key.replace("lora_A", "lora_B")].double() @ A.double() * scaling
+    return out

@@ -1,0 +1,101 @@
+"""Every bad input fails with a clear error before a model is trained (and, where it can, before it is loaded)."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+from peft import IA3Config, LoraConfig, PrefixTuningConfig
+
+from merge_of_thought import MoTConfig, MoTTrainer
+
+from conftest import make_teacher
+from helpers import quick_config, quick_lora
+
+
+def build(model, teachers, tmp_path, lora=None, **config):
+    return MoTTrainer(model, args=quick_config(tmp_path, **config), teachers=teachers, peft_config=lora or quick_lora())
+
+
+MISSING_MODEL = "/nonexistent/model/that/must/not/be/loaded"
+
+
+@pytest.mark.parametrize(
+    "teachers, message",
+    [
+        ({"only": make_teacher(0)}, "Only one teacher"),
+        ({}, "teachers is empty"),
+        ({"a": make_teacher(0), "b": make_teacher(1, n=0)}, "teacher 'b': its data set is empty"),
+        ({"a": make_teacher(0), "b": Dataset.from_list([{"question": "1+1", "answer": "2"}])}, "no usable column"),
+        ([make_teacher(0), make_teacher(1)], "must be a dict"),
+        ({"a": make_teacher(0), "b": [{"text": "x"}]}, "expected a datasets.Dataset"),
+    ],
+)
+def test_bad_teachers_fail_before_the_model_is_loaded(teachers, message, tmp_path):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build(MISSING_MODEL, teachers, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_one_teacher_is_allowed_only_explicitly(qwen3_dir, tmp_path):
+    trainer = build(qwen3_dir, {"only": make_teacher(0)}, tmp_path, allow_single_teacher=True)
+    assert trainer.teacher_weights == [1.0]
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"a": 0.5, "c": 0.5}, r"unknown: \['c'\], missing: \['b'\]"),
+        ({"a": 0.7, "b": 0.7}, "must sum to 1"),
+        ({"a": 1.5, "b": -0.5}, "non-negative"),
+        ('{"a": 0.2, "b": 0.2}', "must sum to 1"),
+    ],
+)
+def test_bad_teacher_weights(weights, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        build(MISSING_MODEL, {"a": make_teacher(0), "b": make_teacher(1)}, tmp_path, teacher_weights=weights)
+
+
+@pytest.mark.parametrize("field, value, message", [("num_rounds", 0, "num_rounds must be at least 1"), ("max_steps", -1, "max_steps must be at least 1"), ("merge_max_rank", 0, "merge_max_rank")])
+def test_bad_config_values(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        quick_config(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "peft_config, message",
+    [
+        (IA3Config(target_modules=["q_proj"], feedforward_modules=[]), "must be a peft.LoraConfig"),
+        (PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), "must be a peft.LoraConfig"),
+        (LoraConfig(target_modules=["q_proj"], use_dora=True), "DoRA"),
+        (LoraConfig(target_modules=["q_proj"], bias="all"), "bias"),
+        (LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"), "start at the student"),
+        (LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+    ],
+)
+def test_unsupported_peft_configs(peft_config, message, tmp_path):
+    teachers = {"a": make_teacher(0), "b": make_teacher(1)}
+    with pytest.raises((TypeError, ValueError), match=message):
+        build(MISSING_MODEL, teachers, tmp_path, lora=peft_config)
+
+
+def test_target_modules_that_match_nothing(qwen3_dir, tmp_path):
+    teachers = {"a": make_teacher(0), "b": make_teacher(1)}
+    with pytest.raises(ValueError, match=r"match no module of Qwen3ForCausalLM.*q_proj"):
+        build(qwen3_dir, teachers, tmp_path, lora=LoraConfig(target_modules=["query_key_value"]))
+    with pytest.raises(ValueError, match="Embedding; MoT merges linear layers only"):
+        build(qwen3_dir, teachers, tmp_path, lora=LoraConfig(target_modules=["embed_tokens"]))
+
+
+def test_a_peft_model_is_refused(qwen3_dir, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(qwen3_dir), quick_lora())
+    with pytest.raises(TypeError, match="was given a PeftModel"):
+        build(model, {"a": make_teacher(0), "b": make_teacher(1)}, tmp_path)
+
+
+def test_config_defaults_suit_the_cpu(tmp_path):
+    config = MoTConfig(output_dir=str(tmp_path))
+    assert config.bf16 is False  # this machine has no GPU
+    assert config.max_steps == 50 and config.num_rounds == 5
