@@ -32,11 +32,20 @@ RUN_FILE = "mot_run.json"
 METRICS_FILE = "metrics.jsonl"
 
 
+def _jsonable(value: Any) -> Any:
+    """JSON for what configs hold besides plain types: sets (PEFT target_modules), enums and paths."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if hasattr(value, "value"):
+        return value.value
+    return str(value)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f.name, path)

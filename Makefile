@@ -1,0 +1,27 @@
+# Set-up and checks for a fresh machine: `make demo` runs the offline demo, `make test` the test suite.
+# Both create the virtual environment on first use.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch. An unpinned torch pulls a multi-GB CUDA build; on a GPU machine set TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test,plot]"
+	touch $@
+
+demo: install
+	$(BIN)/mot demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) mot-demo-output .pytest_cache

@@ -1,0 +1,1 @@
+"""Command-line scripts behind ``mot <command>``."""

@@ -1,0 +1,96 @@
+"""``mot train``: Merge-of-Thought from a TRL-style YAML config.
+
+The YAML takes the keys of TRL's ``ModelConfig`` (model_name_or_path, load_in_4bit, lora_r, lora_alpha,
+lora_target_modules, ...) and of :class:`~merge_of_thought.MoTConfig` (every SFTConfig key plus num_rounds,
+teacher_weights, ...), and a ``teachers:`` list shaped like TRL's ``datasets:`` entries with a teacher name and an
+optional weight. Each teacher is its own branch: the data sets are never concatenated. Flags override the YAML::
+
+    mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ModelConfig, TrlParser, get_dataset, get_peft_config, get_quantization_config
+from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig
+
+from ..mot_config import MoTConfig
+
+
+@dataclass
+class TeacherConfig(DatasetConfig):
+    """One teacher: a data set spec as in TRL's ``datasets:`` plus the teacher's name and merge weight."""
+
+    teacher: str | None = None
+    weight: float | None = None
+
+
+@dataclass
+class MoTScriptArguments:
+    """The teachers (one branch each) and an optional held-out set for per-round evaluation."""
+
+    teachers: list[Any] = field(
+        default_factory=list, metadata={"help": "Teacher data sets (YAML list of path/name/data_files/split/...)."}
+    )
+    eval_dataset: dict | None = field(
+        default=None, metadata={"help": "Held-out data set spec (same keys as a teacher) for per-round eval loss."}
+    )
+
+    def __post_init__(self):
+        self.teachers = [t if isinstance(t, TeacherConfig) else TeacherConfig(**t) for t in self.teachers]
+        for index, teacher in enumerate(self.teachers):
+            if not teacher.teacher:
+                teacher.teacher = f"teacher{index}"
+        names = [t.teacher for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}.")
+
+
+def load_split(spec: DatasetConfig):
+    """One data set through TRL's own loader (a mixture of one: no concatenation with anything else)."""
+    return get_dataset(DatasetMixtureConfig(datasets=[spec]))["train"]
+
+
+def make_parser(prog: str | None = "mot train") -> TrlParser:
+    return TrlParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..mot_trainer import DEFAULT_LORA, MoTTrainer
+    from peft import LoraConfig
+
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    if not model_args.model_name_or_path:
+        raise SystemExit("mot train: model_name_or_path is required (in the YAML or as --model_name_or_path).")
+    if not script_args.teachers:
+        raise SystemExit("mot train: the config names no teachers (a 'teachers:' list of data set specs).")
+    training_args.model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    )
+    teachers = {t.teacher: load_split(t) for t in script_args.teachers}
+    weights = {t.teacher: t.weight for t in script_args.teachers if t.weight is not None}
+    if weights and training_args.teacher_weights is None:
+        training_args.teacher_weights = weights
+    model_args.use_peft = True  # MoT branches are LoRA adapters
+    peft_config = get_peft_config(model_args) or LoraConfig(**DEFAULT_LORA)
+    eval_dataset = load_split(DatasetConfig(**script_args.eval_dataset)) if script_args.eval_dataset else None
+    trainer = MoTTrainer(
+        model_args.model_name_or_path,
+        args=training_args,
+        teachers=teachers,
+        peft_config=peft_config,
+        quantization_config=get_quantization_config(model_args),
+        eval_dataset=eval_dataset,
+    )
+    trainer.train()
+    print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
