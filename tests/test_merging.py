@@ -59,6 +59,17 @@ def test_merge_round_accumulates_rounds_exactly():
     assert summarize(reports)["merge_rank"] == 36  # 3 rounds x 3 branches x rank 4, nothing numerically zero
 
 
+def test_tolerance_drops_only_what_the_budget_allows():
+    strong = random_delta(rank=4, seed=1)
+    weak = random_delta(rank=4, seed=2, scale=1e-5)
+    exact = concatenate([strong, weak])
+    budget = 1e-3 * exact.frobenius_norm()
+    kept, dropped = recompress(exact, max_dropped_norm=budget)
+    assert kept.rank == 4  # the weak directions fit in the budget, the strong ones do not
+    assert 0 < dropped <= budget
+    assert (exact.dense() - kept.dense()).norm().item() == pytest.approx(dropped, rel=1e-3)
+
+
 def test_merge_round_rejects_mismatched_input():
     with pytest.raises(ValueError, match="weights"):
         merge_round(None, [{"a": random_delta()}], [0.5, 0.5])

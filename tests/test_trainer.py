@@ -59,11 +59,12 @@ def test_round_equals_exact_weighted_average_of_saved_branches(model_dir, teache
     live = effective_weights(trainer.model)
     base = {name: base_weight(layer).double() for name, layer in lora_layers(trainer.model).items()}
     assert set(saved) == set(expected) == set(live)
+    allowed = trainer.args.merge_tolerance + 1e-5  # what recompression may drop, plus fp32 rounding
     for name in expected:
         update_norm = (expected[name] - previous[name]).norm()
         assert update_norm > 0, "the branches must have learned something"
-        assert (saved[name] - expected[name]).norm() / update_norm < 1e-4
-        assert (live[name] - base[name] - expected[name]).norm() / update_norm < 1e-4
+        assert (saved[name] - expected[name]).norm() / update_norm <= allowed
+        assert (live[name] - base[name] - expected[name]).norm() / update_norm <= allowed
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))

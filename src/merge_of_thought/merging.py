@@ -80,22 +80,26 @@ def concatenate(deltas: Sequence[LowRankDelta], weights: Sequence[float] | None 
 
 
 def recompress(
-    delta: LowRankDelta, max_rank: int | None = None, rtol: float = 1e-6
+    delta: LowRankDelta, max_rank: int | None = None, max_dropped_norm: float = 0.0
 ) -> tuple[LowRankDelta, float]:
-    """Rewrite ``B @ A`` with orthogonal-ish balanced factors at its numerical rank (at most ``max_rank``).
+    """Rewrite ``B @ A`` with balanced factors of the smallest rank whose dropped part is within budget.
 
-    Singular values below ``rtol * sigma_max`` are dropped. Returns the new delta and the Frobenius norm of what
-    was dropped (exact: the root sum of squares of the dropped singular values).
+    Keeps the fewest singular directions such that the Frobenius norm of what is dropped is at most
+    ``max_dropped_norm`` (0 keeps every non-zero direction), and at most ``max_rank`` directions. Returns the new
+    delta and the norm actually dropped: exact, the root sum of squares of the dropped singular values.
     """
     B, A = delta.B.double(), delta.A.double()  # float64 for the small factorizations: cheap and removes doubt
     q_b, r_b = torch.linalg.qr(B)  # B = Qb Rb,  Qb: (out, k)
     q_a, r_a = torch.linalg.qr(A.T)  # A^T = Qa Ra, Qa: (in, k)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core: (k, k)
-    keep = int((s > rtol * s[0]).sum().item()) if s.numel() and s[0] > 0 else 0
+    tail = (s.flip(0) ** 2).cumsum(0).flip(0).sqrt()  # tail[k] = |s[k:]|, the error of keeping k directions
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    numerically_zero = 1e-12 * float(s[0]) if s.numel() else 0.0
+    keep = int((tail > max(max_dropped_norm, numerically_zero)).sum().item())
     if max_rank is not None:
         keep = min(keep, max_rank)
     keep = max(keep, 1)  # a rank-0 adapter cannot be expressed in PEFT; a zero column is harmless
-    dropped = math.sqrt(float((s[keep:] ** 2).sum().item()))
+    dropped = float(tail[keep])
     root_s = s[:keep].sqrt()
     new_B = (q_b @ u[:, :keep]) * root_s
     new_A = root_s[:, None] * (vh[:keep] @ q_a.T)
@@ -107,11 +111,12 @@ def merge_round(
     branches: Sequence[Mapping[str, LowRankDelta]],
     weights: Sequence[float],
     max_rank: int | None = None,
-    rtol: float = 1e-6,
+    tolerance: float = 0.0,
 ) -> tuple[dict[str, LowRankDelta], dict[str, MergeReport]]:
     """One MoT merge: ``D_{t+1} = D_t + sum_k w_k dW_k`` for every layer, recompressed.
 
     ``current`` is ``D_t`` (``None`` before the first merge), ``branches`` the per-teacher deltas of this round.
+    Recompression may drop at most ``tolerance * |sum_k w_k dW_k|_F`` per layer (and must fit ``max_rank``).
     """
     if len(branches) != len(weights):
         raise ValueError(f"got {len(branches)} branches but {len(weights)} weights")
@@ -124,9 +129,9 @@ def merge_round(
     for name in layers:
         update = concatenate([b[name] for b in branches], weights)
         parts = [update] if current is None or name not in current else [current[name], update]
-        exact = concatenate(parts)
-        merged[name], dropped = recompress(exact, max_rank=max_rank, rtol=rtol)
-        reports[name] = MergeReport(exact.rank, merged[name].rank, dropped, update.frobenius_norm())
+        exact, update_norm = concatenate(parts), update.frobenius_norm()
+        merged[name], dropped = recompress(exact, max_rank, max_dropped_norm=tolerance * update_norm)
+        reports[name] = MergeReport(exact.rank, merged[name].rank, dropped, update_norm)
     return merged, reports
 
 

@@ -40,9 +40,11 @@ class MoTConfig(SFTConfig):
         teacher_weights (`dict[str, float]`, *optional*): merge weight per teacher name, summing to 1; uniform
             when unset.
         merge_max_rank (`int`, *optional*): rank budget of the merged delta per layer. Unset keeps it exact (up to
-            `merge_rtol`); a budget truncates through an SVD of the factors and logs the error it made.
-        merge_rtol (`float`, defaults to `1e-6`): singular values of the merged delta below `merge_rtol` times the
-            largest are dropped (numerically zero).
+            `merge_tolerance`); a budget truncates through an SVD of the factors and logs the error it made.
+        merge_tolerance (`float`, defaults to `1e-4`): each merge may drop singular directions of the merged delta
+            whose total Frobenius norm is at most this fraction of the round's update ``|sum_k w_k dW_k|``. It
+            keeps the merged rank (and the cost of the frozen adapter in every later step) as small as the data
+            allow while staying 10x inside the 1e-3 fidelity bound. 0 keeps every non-zero direction.
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
             merge can be recomputed from disk.
@@ -60,9 +62,9 @@ class MoTConfig(SFTConfig):
         default=None,
         metadata={"help": "Rank budget of the merged delta per layer; unset keeps the merge exact."},
     )
-    merge_rtol: float = field(
-        default=1e-6,
-        metadata={"help": "Relative singular-value cut-off below which merged directions count as zero."},
+    merge_tolerance: float = field(
+        default=1e-4,
+        metadata={"help": "Largest norm a merge may drop, as a fraction of the round's update (0 = keep all)."},
     )
     allow_single_teacher: bool = field(
         default=False, metadata={"help": "Allow a run with one teacher (SFT with periodic restarts)."}
@@ -92,5 +94,8 @@ class MoTConfig(SFTConfig):
             )
         if self.merge_max_rank is not None and self.merge_max_rank < 1:
             raise ValueError(f"merge_max_rank must be at least 1 or unset, got {self.merge_max_rank}.")
-        if not 0 <= self.merge_rtol < 1:
-            raise ValueError(f"merge_rtol must be in [0, 1), got {self.merge_rtol}.")
+        if not 0 <= self.merge_tolerance <= 1e-3:
+            raise ValueError(
+                f"merge_tolerance must be in [0, 1e-3] (the merge fidelity bound), got {self.merge_tolerance}; use "
+                "merge_max_rank for a lossy rank budget."
+            )

@@ -124,7 +124,7 @@ class MoTTrainer:
                 progress.update()
             start = time.perf_counter()
             self.merged, reports = merge_round(
-                self.merged, branch_deltas, self.teacher_weights, args.merge_max_rank, args.merge_rtol
+                self.merged, branch_deltas, self.teacher_weights, args.merge_max_rank, args.merge_tolerance
             )
             adapters.install_merged(self.model, self.merged, self.base_model_id)  # student += sum_k w_k dW_k
             merge_seconds = time.perf_counter() - start
