@@ -79,6 +79,7 @@ def concatenate(deltas: Sequence[LowRankDelta], weights: Sequence[float] | None 
     return LowRankDelta(B, A)
 
 
+@torch.no_grad()
 def recompress(
     delta: LowRankDelta, max_rank: int | None = None, max_dropped_norm: float = 0.0
 ) -> tuple[LowRankDelta, float]:
@@ -94,7 +95,7 @@ def recompress(
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core: (k, k)
     tail = (s.flip(0) ** 2).cumsum(0).flip(0).sqrt()  # tail[k] = |s[k:]|, the error of keeping k directions
     tail = torch.cat([tail, tail.new_zeros(1)])
-    numerically_zero = 1e-12 * float(s[0]) if s.numel() else 0.0
+    numerically_zero = 1e-12 * s[0].item() if s.numel() else 0.0
     keep = int((tail > max(max_dropped_norm, numerically_zero)).sum().item())
     if max_rank is not None:
         keep = min(keep, max_rank)
@@ -106,6 +107,7 @@ def recompress(
     return LowRankDelta(new_B.float().contiguous(), new_A.float().contiguous()), dropped
 
 
+@torch.no_grad()
 def merge_round(
     current: Mapping[str, LowRankDelta] | None,
     branches: Sequence[Mapping[str, LowRankDelta]],

@@ -1,0 +1,163 @@
+"""MoT against one plain TRL SFTTrainer QLoRA run of the same number of steps: wall time, peak memory, step time.
+
+Each measurement runs in its own process (peak RSS is per process), plain and MoT alternate, and the report gives
+ratios. Evaluation is off in both. The plain run trains T*K*S steps on the union of the teachers' data; MoT trains
+T rounds x K branches x S steps. Both keep LoRA adapters in fp32 (MoT does so without bf16; the plain run is given
+the same so the step cost is like for like).
+
+    python benchmarks/perf/overhead.py                 # 70M Qwen3, batch 8, S=50, fp32 and nf4 (~35 min on 2 cores)
+    python benchmarks/perf/overhead.py --quick         # tiny model, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean, median
+
+import torch
+from datasets import concatenate_datasets
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Timer, build_student, machine, peak_rss_mb, teacher_data, update_results  # noqa: E402
+
+from merge_of_thought import MoTConfig, MoTTrainer  # noqa: E402
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+class StepTimer(TrainerCallback):
+    """Seconds per optimizer step, tagged with the trainer's run name (MoT sets round<t>/<teacher>)."""
+
+    def __init__(self):
+        self.steps: list[tuple[str, float]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = __import__("time").perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((args.run_name or "", __import__("time").perf_counter() - self._start))
+
+
+def load(model_dir: str, precision: str):
+    if precision == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def common_args(out: str, steps: int, batch: int) -> dict:
+    return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=10, save_strategy="no",
+                disable_tqdm=True, seed=0, dataloader_pin_memory=False)
+
+
+def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int, steps: int, batch: int) -> dict:
+    torch.set_num_threads(2)
+    data = {f"teacher{k}": teacher_data(k) for k in range(teachers)}
+    model = load(model_dir, precision)
+    timer, out = StepTimer(), tempfile.mkdtemp()
+    with Timer() as wall:
+        if mode == "plain":
+            trainer = SFTTrainer(model, args=SFTConfig(**common_args(out, rounds * teachers * steps, batch)),
+                                 train_dataset=concatenate_datasets(list(data.values())),
+                                 peft_config=LoraConfig(**LORA), callbacks=[timer])
+            for p in trainer.model.parameters():  # like for like: MoT keeps fp32 adapters without bf16
+                if p.requires_grad:
+                    p.data = p.data.float()
+            trainer.train()
+        else:
+            trainer = MoTTrainer(model, args=MoTConfig(num_rounds=rounds, **common_args(out, steps, batch)),
+                                 teachers=data, peft_config=LoraConfig(**LORA), callbacks=[timer])
+            trainer.train()
+    step_seconds = [s for _, s in timer.steps]
+    record = {"wall_seconds": wall.seconds, "steps": len(step_seconds), "step_seconds_total": sum(step_seconds),
+              "peak_rss_mb": peak_rss_mb()}
+    if mode == "mot":
+        per_round = {}
+        for name, s in timer.steps:
+            per_round.setdefault(name.split("/")[0], []).append(s)
+        record["median_step_seconds_by_round"] = {r: median(v[1:] or v) for r, v in per_round.items()}
+        rounds_log = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        record["merge_seconds"] = [r["merge_seconds"] for r in rounds_log if r["type"] == "round"]
+        record["merged_rank"] = [r["merge_rank"] for r in rounds_log if r["type"] == "round"]
+    return record
+
+
+def run_worker(*args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *map(str, args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--precisions", default="fp32,nf4")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--teachers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--worker", nargs=7, metavar="ARG")
+    args = parser.parse_args()
+    if args.worker:
+        mode, precision, model_dir, rounds, teachers, steps, batch = args.worker
+        print(json.dumps(worker(mode, precision, model_dir, int(rounds), int(teachers), int(steps), int(batch))))
+        return
+    size, steps = ("tiny", min(args.steps, 5)) if args.quick else ("70m", args.steps)
+    model_dir = build_student(Path(tempfile.gettempdir()) / f"mot-bench-{size}", size)
+    shape = dict(rounds=args.rounds, teachers=args.teachers, steps=steps, batch=args.batch)
+    results = {"size": size, "shape": shape, "machine": machine(), "command": "python " + " ".join(sys.argv)}
+    for precision in args.precisions.split(","):
+        # plain, mot, mot, plain: each mode once early and once late, to cancel slow drift of the machine
+        runs = {"plain": [], "mot": []}
+        for mode in ("plain", "mot", "mot", "plain"):
+            runs[mode].append(run_worker(mode, precision, model_dir, *shape.values()))
+            print(precision, mode, runs[mode][-1], flush=True)
+        plain_wall = mean(r["wall_seconds"] for r in runs["plain"])
+        mot_wall = mean(r["wall_seconds"] for r in runs["mot"])
+        by_round = runs["mot"][0]["median_step_seconds_by_round"]
+        results[precision] = {
+            "runs": runs,
+            "wall_ratio": mot_wall / plain_wall,
+            "peak_rss_ratio": mean(r["peak_rss_mb"] for r in runs["mot"])
+            / mean(r["peak_rss_mb"] for r in runs["plain"]),
+            "mot_overhead_share": mean(1 - r["step_seconds_total"] / r["wall_seconds"] for r in runs["mot"]),
+            "plain_overhead_share": mean(1 - r["step_seconds_total"] / r["wall_seconds"] for r in runs["plain"]),
+            "last_round_step_ratio": by_round[f"round{args.rounds}"] / by_round["round1"],
+        }
+    update_results("overhead_quick" if args.quick else "overhead", results)
+    write_markdown()
+
+
+def write_markdown() -> None:
+    results = json.loads((RESULTS / "perf.json").read_text())
+    lines = ["# Performance: MoT against plain TRL SFT", ""]
+    for name, record in results.items():
+        if not name.startswith("overhead"):
+            continue
+        lines += [f"## {name}: {record['size']} Qwen3, {record['shape']}", "", f"Command: `{record['command']}`", "",
+                  "| precision | wall MoT/plain | peak RSS MoT/plain | step time last round/round 1 | "
+                  "MoT time outside steps | plain time outside steps |", "|---|---|---|---|---|---|"]
+        for precision in ("fp32", "nf4"):
+            if precision in record:
+                r = record[precision]
+                lines.append(f"| {precision} | {r['wall_ratio']:.3f} | {r['peak_rss_ratio']:.3f} | "
+                             f"{r['last_round_step_ratio']:.3f} | {r['mot_overhead_share']:.1%} | "
+                             f"{r['plain_overhead_share']:.1%} |")
+        lines.append("")
+    for name, record in results.items():
+        if name.startswith("merge"):
+            lines += record.get("markdown", [])
+    (RESULTS / "perf.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
