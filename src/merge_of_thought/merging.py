@@ -91,14 +91,27 @@ def recompress(
     q_b, r_b = torch.linalg.qr(B)  # B = Qb Rb,  Qb: (out, k)
     q_a, r_a = torch.linalg.qr(A.T)  # A^T = Qa Ra, Qa: (in, k)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core: (k, k)
+    return _truncated(q_b @ u, s, vh @ q_a.T, max_rank, rtol)
+
+
+def from_dense(delta: torch.Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> tuple[LowRankDelta, float]:
+    """A full ``out x in`` delta (e.g. a TIES merge) as low-rank factors through its SVD, like :func:`recompress`."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return _truncated(u, s, vh, max_rank, rtol)
+
+
+def _truncated(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, max_rank: int | None, rtol: float
+) -> tuple[LowRankDelta, float]:
+    """``u diag(s) vh`` cut to its numerical rank (at most ``max_rank``), factors balanced as ``sqrt(s)`` each side."""
     keep = int((s > rtol * s[0]).sum().item()) if s.numel() and s[0] > 0 else 0
     if max_rank is not None:
         keep = min(keep, max_rank)
     keep = max(keep, 1)  # a rank-0 adapter cannot be expressed in PEFT; a zero column is harmless
     dropped = math.sqrt(float((s[keep:] ** 2).sum().item()))
     root_s = s[:keep].sqrt()
-    new_B = (q_b @ u[:, :keep]) * root_s
-    new_A = root_s[:, None] * (vh[:keep] @ q_a.T)
+    new_B = u[:, :keep] * root_s
+    new_A = root_s[:, None] * vh[:keep]
     return LowRankDelta(new_B.float().contiguous(), new_A.float().contiguous()), dropped
 
 
