@@ -24,6 +24,7 @@ from .merging import LowRankDelta
 MERGED_ADAPTER = "mot_merged"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PICKLE = "adapter_model.bin"
 
 _UNSUPPORTED_LORA_OPTIONS = {
     "use_dora": "DoRA rescales the weight by a trained magnitude, so its change is not a low-rank delta",
@@ -210,21 +211,48 @@ def save_merged(merged: Mapping[str, LowRankDelta], folder: Path, base_model_nam
     config.save_pretrained(folder)
 
 
-def load_delta(folder: str | Path) -> dict[str, LowRankDelta]:
-    """Read a saved PEFT LoRA adapter back as fp32 deltas (scaling from its config, including rank/alpha patterns)."""
+def load_delta(folder: str | Path, allow_pickle: bool = False) -> dict[str, LowRankDelta]:
+    """Read a saved PEFT LoRA adapter back as fp32 deltas (scaling from its config, including rank/alpha patterns).
+
+    Only linear-layer LoRA weights are accepted: anything else in the file (embedding or convolution LoRA, DoRA
+    magnitudes, trained biases or full modules) raises, because it would be silently lost from the delta.
+    """
     folder = Path(folder)
     config = LoraConfig.from_pretrained(str(folder))
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    state = read_adapter_weights(folder, allow_pickle)
     deltas = {}
     for key, A in state.items():
         if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                raise ValueError(f"{folder}: {key!r} is not a linear LoRA factor; only B @ A deltas can be read.")
             continue
         module = key[len("base_model.model.") : -len(".lora_A.weight")]
         B = state[key.replace(".lora_A.", ".lora_B.")]
+        if A.dim() != 2 or B.dim() != 2:
+            raise ValueError(f"{folder}: {module} has {A.dim()}-d LoRA factors; only linear layers are supported.")
         r, alpha = _rank_and_alpha(config, module)
         scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
         deltas[module] = LowRankDelta(B.float() * scaling, A.float())
     return deltas
+
+
+def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """An adapter's tensors from ``adapter_model.safetensors``; a pickled ``.bin`` only when explicitly allowed.
+
+    Unpickling runs code from the file, so a ``.bin`` adapter is refused by default; when allowed it is read with
+    ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+    """
+    if (folder / ADAPTER_WEIGHTS).exists():
+        return load_file(str(folder / ADAPTER_WEIGHTS))
+    pickled = folder / ADAPTER_PICKLE
+    if pickled.exists():
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder} holds only {ADAPTER_PICKLE}, a pickle file that can run code when loaded. Convert it "
+                "to safetensors, or allow it explicitly (allow_pickle=True, or --allow-pickle) if you trust it."
+            )
+        return torch.load(pickled, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS}: it is not a saved PEFT adapter.")
 
 
 def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:

@@ -12,6 +12,8 @@ import sys
 COMMANDS = {
     "demo": "Run a complete MoT distillation offline on the CPU in a few minutes",
     "train": "Run MoT from a TRL-style YAML config (teachers: one data set per branch)",
+    "export": "Export a run as one LoRA adapter on the original base and/or a merged model, with a model card",
+    "merge": "Merge LoRA adapters of one base exactly (or with TIES/DARE) into one adapter or a merged model",
 }
 
 

@@ -93,6 +93,25 @@ def recompress(
     q_b, r_b = torch.linalg.qr(B)  # B = Qb Rb,  Qb: (out, k)
     q_a, r_a = torch.linalg.qr(A.T)  # A^T = Qa Ra, Qa: (in, k)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core: (k, k)
+    return _truncated(q_b @ u, s, vh @ q_a.T, max_rank, max_dropped_norm)
+
+
+@torch.no_grad()
+def from_dense(
+    delta: torch.Tensor, max_rank: int | None = None, max_dropped_norm: float = 0.0
+) -> tuple[LowRankDelta, float]:
+    """A full ``out x in`` delta (e.g. a TIES merge) as low-rank factors through its SVD, like :func:`recompress`."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return _truncated(u, s, vh, max_rank, max_dropped_norm)
+
+
+def _truncated(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, max_rank: int | None, max_dropped_norm: float
+) -> tuple[LowRankDelta, float]:
+    """``u diag(s) vh`` cut to the fewest directions whose dropped norm fits the budget (and ``max_rank``).
+
+    Factors are balanced as ``sqrt(s)`` on each side; the dropped norm is exact (root sum of squares).
+    """
     tail = (s.flip(0) ** 2).cumsum(0).flip(0).sqrt()  # tail[k] = |s[k:]|, the error of keeping k directions
     tail = torch.cat([tail, tail.new_zeros(1)])
     numerically_zero = 1e-12 * s[0].item() if s.numel() else 0.0
@@ -102,8 +121,8 @@ def recompress(
     keep = max(keep, 1)  # a rank-0 adapter cannot be expressed in PEFT; a zero column is harmless
     dropped = float(tail[keep])
     root_s = s[:keep].sqrt()
-    new_B = (q_b @ u[:, :keep]) * root_s
-    new_A = root_s[:, None] * (vh[:keep] @ q_a.T)
+    new_B = u[:, :keep] * root_s
+    new_A = root_s[:, None] * vh[:keep]
     return LowRankDelta(new_B.float().contiguous(), new_A.float().contiguous()), dropped
 
 

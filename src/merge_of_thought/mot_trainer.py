@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -77,6 +78,7 @@ class MoTTrainer:
         validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
         self.teacher_names = list(teachers)
         self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
+        self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
         self.peft_config = adapters.validate_lora_config(peft_config or LoraConfig(**DEFAULT_LORA))
         if isinstance(model, PeftModel):
             raise TypeError(
@@ -226,12 +228,72 @@ class MoTTrainer:
                 "base_model": self.base_model_id,
                 "teachers": self.teacher_names,
                 "teacher_weights": self.teacher_weights,
+                "teacher_datasets": self.teacher_datasets,
                 "num_rounds": self.args.num_rounds,
                 "steps_per_branch": self.args.max_steps,
                 "lora": self.peft_config.to_dict(),
                 "seed": self.args.seed,
             }
         )
+
+    # ------------------------------------------------------------------ export and sharing (export.py, hub.py)
+    def save_adapter(self, path: str | os.PathLike, rank: int | None = None, base_model_id: str | None = None) -> dict:
+        """Write the student as ONE PEFT LoRA adapter on the original base: exact, or SVD-truncated to ``rank``.
+
+        Returns the per-layer and total relative error of the truncation (zero when exact). ``base_model_id`` is
+        the Hub id to record when the run loaded the base from a local folder. See :mod:`merge_of_thought.export`.
+        """
+        return self._export(adapter_dir=path, rank=rank, base_model_id=base_model_id)["adapter"]
+
+    def save_merged(
+        self,
+        path: str | os.PathLike,
+        dtype: str | torch.dtype | None = None,
+        max_shard_size: str | int = "5GB",
+        base_model_id: str | None = None,
+    ) -> dict:
+        """Write base + delta as a full model (folded in fp32 into the original, unquantized base, cast once)."""
+        return self._export(merged_dir=path, dtype=dtype, max_shard_size=max_shard_size, base_model_id=base_model_id)[
+            "merged"
+        ]
+
+    def push_to_hub(
+        self,
+        repo_id: str | None = None,
+        merged: bool = False,
+        private: bool | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        commit_message: str = "End of MoT training",
+        **export_kwargs: Any,
+    ):
+        """Export the adapter (or the merged model) to ``output_dir/hub-<kind>`` and upload it with its card.
+
+        Defaults follow TRL: ``args.hub_model_id`` (else the output folder's name), ``args.hub_private_repo``,
+        ``args.hub_revision`` and ``args.hub_token``. ``export_kwargs`` go to :meth:`save_adapter`/:meth:`save_merged`.
+        """
+        from .hub import push_folder
+
+        repo_id = repo_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        folder = os.path.join(self.args.output_dir, "hub-merged" if merged else "hub-adapter")
+        self._export(repo_id=repo_id, **{"merged_dir" if merged else "adapter_dir": folder}, **export_kwargs)
+        return push_folder(
+            folder,
+            repo_id,
+            private=self.args.hub_private_repo if private is None else private,
+            revision=revision or self.args.hub_revision,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+        )
+
+    def _export(self, **kwargs) -> dict:
+        from .export import FinishedRun, export_run
+
+        if self.merged is None:
+            raise ValueError("Nothing to export yet: the student is the base model until train() merges a round.")
+        run = FinishedRun(self.args.output_dir)
+        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        return export_run(run, deltas=self.merged, tokenizer=self.processing_class, **kwargs)
 
 
 def _as_mot_config(args: MoTConfig | TrainingArguments | None, model: str | PreTrainedModel) -> MoTConfig:

@@ -16,6 +16,7 @@ from typing import Any
 from trl import ModelConfig, TrlParser, get_dataset, get_peft_config, get_quantization_config
 from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig
 
+from ..hub import is_local_path
 from ..mot_config import MoTConfig
 
 
@@ -53,6 +54,15 @@ def load_split(spec: DatasetConfig):
     return get_dataset(DatasetMixtureConfig(datasets=[spec]))["train"]
 
 
+def hub_dataset_id(spec: DatasetConfig) -> str | None:
+    """The Hub data set id of a teacher spec (for the model card), or None for local files and folders."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if spec.path in _PACKAGED_DATASETS_MODULES or is_local_path(spec.path):
+        return None
+    return spec.path
+
+
 def make_parser(prog: str | None = "mot train") -> TrlParser:
     return TrlParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog)
 
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         quantization_config=get_quantization_config(model_args),
         eval_dataset=eval_dataset,
     )
+    trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
     trainer.train()
     print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
     return 0

@@ -1,0 +1,262 @@
+"""Model cards and Hub uploads for exported MoT adapters and merged models.
+
+The card is a :class:`huggingface_hub.ModelCard`: YAML metadata the Hub indexes (``base_model``,
+``base_model_relation``, ``library_name``, ``tags``, ``datasets``) and a body with how to load the model, the
+teachers, the MoT and LoRA settings, a per-round metrics table and a plot of those metrics. Uploads follow the
+conventions of TRL's and PEFT's ``push_to_hub``: a repo id, ``private``, ``revision`` (a branch) and ``token``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+
+PLOT_FILE = "mot_metrics.png"
+TAGS = ["merge-of-thought", "distillation", "reasoning", "lora"]
+CITATION = "Merge-of-Thought distillation: Shen et al., [arXiv:2509.08814](https://arxiv.org/abs/2509.08814)."
+
+Kind = Literal["adapter", "merged"]
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][0-9a-f]+/?$")
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id behind a model path: a Hub cache snapshot folder maps back to ``org/name``; anything else is kept."""
+    if name_or_path is None:
+        return None
+    match = _HUB_CACHE_SNAPSHOT.search(str(name_or_path))
+    return f"{match['org']}/{match['name']}" if match else str(name_or_path)
+
+
+def is_local_path(name_or_path: str | None) -> bool:
+    """True for a path on this machine (which the Hub cannot resolve), False for a Hub id."""
+    if not name_or_path:
+        return False
+    name = str(name_or_path)
+    return os.path.isabs(name) or name.startswith(".") or os.path.isdir(name)
+
+
+def card_data(
+    kind: Kind, base_model: str | None, datasets: Sequence[str] = (), relation: str | None = None, **extra: Any
+) -> ModelCardData:
+    """Hub metadata; a local base path is left out of ``base_model`` (the Hub could not resolve it)."""
+    base = hub_id(base_model)
+    return ModelCardData(
+        base_model=None if is_local_path(base) else base,
+        base_model_relation=relation or ("adapter" if kind == "adapter" else "finetune"),
+        library_name="peft" if kind == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS + (["peft"] if kind == "adapter" else ["transformers"]),
+        datasets=sorted(set(datasets)) or None,
+        **extra,
+    )
+
+
+def usage(kind: Kind, base_model: str | None, repo_id: str) -> str:
+    """The few lines that load the export with transformers (and PEFT for an adapter) alone."""
+    base = hub_id(base_model) or "<base model>"
+    if kind == "adapter":
+        code = (
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")'
+        )
+    else:
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        )
+    return f"```python\n{code}\n```"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats shown with 4 significant digits, missing values as a dash."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round from ``metrics.jsonl``: mean branch train loss, per-teacher losses, eval loss, merge."""
+    rows = []
+    for record in records:
+        if record.get("type") != "round":
+            continue
+        branches = [b for b in records if b.get("type") == "branch" and b.get("round") == record["round"]]
+        losses = {b["teacher"]: b.get("train_loss") for b in branches}
+        known = [v for v in losses.values() if v is not None]
+        rows.append(
+            {
+                "round": record["round"],
+                "train_loss": sum(known) / len(known) if known else None,
+                "teacher_losses": losses,
+                "eval_loss": record.get("eval_loss"),
+                "merge_rank": record.get("merge_rank"),
+                "merge_rel_error_total": record.get("merge_rel_error_total"),
+            }
+        )
+    return rows
+
+
+def plot_metrics(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Losses per round (mean and per teacher branch, and eval) as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rounds = [row["round"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    teachers = sorted({t for row in rows for t in row["teacher_losses"]})
+    for teacher in teachers:
+        ax.plot(rounds, [row["teacher_losses"].get(teacher) for row in rows], "o--", alpha=0.5, label=teacher)
+    ax.plot(rounds, [row["train_loss"] for row in rows], "o-", color="black", label="mean branch train loss")
+    if any(row["eval_loss"] is not None for row in rows):
+        ax.plot(rounds, [row["eval_loss"] for row in rows], "s-", color="tab:red", label="eval loss (student)")
+    ax.set_xlabel("MoT round")
+    ax.set_ylabel("loss")
+    ax.set_xticks(rounds)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_card(
+    kind: Kind,
+    folder: Path,
+    run: Mapping[str, Any],
+    metrics: Sequence[Mapping[str, Any]],
+    rounds: int,
+    export: Mapping[str, Any],
+    base_model: str | None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The card of an exported MoT student, with its metrics plot written beside it in ``folder``."""
+    teachers = list(run.get("teachers", []))
+    weights = dict(zip(teachers, run.get("teacher_weights", [])))
+    dataset_ids = dict(run.get("teacher_datasets") or {})
+    lora = run.get("lora", {})
+    steps = run.get("steps_per_branch")
+    rows = round_metrics(metrics)
+    base = hub_id(base_model)
+    what = "a LoRA adapter" if kind == "adapter" else "a full model (the MoT delta folded into the base weights)"
+    body = [
+        f"# {repo_id or folder.name}",
+        "",
+        f"{what[0].upper()}{what[1:]} distilled from {len(teachers)} teachers with Merge-of-Thought (MoT, "
+        f"[arXiv 2509.08814](https://arxiv.org/abs/2509.08814)) on top of `{base}`, with the merge-of-thought "
+        "library, TRL and PEFT. Every round "
+        "trains one LoRA branch per teacher from the current student and adds the weighted average of the branch "
+        "deltas to it.",
+        "",
+        usage(kind, base_model, repo_id or "path/to/this/folder"),
+        "",
+    ]
+    if kind == "adapter":
+        if export.get("requested_rank") is None:
+            body.append(f"The adapter is exact: its delta is the cumulative MoT delta (rank {export.get('rank')}).")
+        else:
+            body.append(
+                f"The adapter is the cumulative MoT delta truncated to rank {export.get('rank')} by SVD; relative "
+                f"Frobenius error {export.get('relative_error_total', 0.0):.3g} in total, "
+                f"{export.get('relative_error_max', 0.0):.3g} in the worst layer (per layer in `mot_export.json`)."
+            )
+    else:
+        body.append(f"The delta was added to the original base weights in fp32 and cast once to {export.get('dtype')}.")
+    body += ["", "## Teachers", ""]
+    body.append(
+        table(["teacher", "data set", "merge weight"], [[t, dataset_ids.get(t), weights.get(t)] for t in teachers])
+    )
+    total = rounds * len(teachers) * steps if steps else None
+    body += [
+        "",
+        "## Training",
+        "",
+        f"- MoT rounds: {rounds}; SFT steps per branch per round: {steps}; total steps: {total}",
+        f"- LoRA branches: r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
+        f"dropout={lora.get('lora_dropout')}, rslora={lora.get('use_rslora')}, "
+        f"target_modules={lora.get('target_modules')}",
+        f"- seed: {run.get('seed')}",
+        "",
+        "## Metrics per round",
+        "",
+    ]
+    body.append(
+        table(
+            ["round", "mean branch train loss", "eval loss", "merged rank", "merge rel. error"],
+            [
+                [r["round"], r["train_loss"], r["eval_loss"], r["merge_rank"], r["merge_rel_error_total"]]
+                for r in rows
+            ],
+        )
+    )
+    if rows and plot_metrics(rows, folder / PLOT_FILE):
+        body += ["", f"![Losses per MoT round]({PLOT_FILE})"]
+    body += ["", "## Method", "", CITATION, ""]
+    data = card_data(kind, base_model, [d for d in dataset_ids.values() if d], model_name=repo_id or folder.name)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
+
+
+def merge_card(
+    kind: Kind,
+    folder: Path,
+    sources: Sequence[str],
+    weights: Sequence[float],
+    method: str,
+    base_model: str | None,
+    export: Mapping[str, Any],
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The card of a ``mot merge`` output: which adapters, with which weights and method."""
+    body = [
+        f"# {repo_id or folder.name}",
+        "",
+        f"{len(sources)} LoRA adapters of `{hub_id(base_model)}` merged with `mot merge --method {method}` "
+        "(merge-of-thought library).",
+        "",
+        usage(kind, base_model, repo_id or "path/to/this/folder"),
+        "",
+        table(["adapter", "weight"], list(zip(sources, weights))),
+        "",
+    ]
+    if kind == "adapter":
+        body.append(
+            f"Rank {export.get('rank')}; relative Frobenius error of the low-rank form "
+            f"{export.get('relative_error_total', 0.0):.3g} in total (per layer in `mot_export.json`)."
+        )
+    data = card_data(kind, base_model, relation="adapter" if kind == "adapter" else "merge")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body) + "\n")
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str = "Upload MoT export",
+) -> CommitInfo:
+    """Create the repo (and the ``revision`` branch) if needed and upload ``folder`` in one commit."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message, token=token
+    )

@@ -1,0 +1,96 @@
+"""``mot export``: a finished MoT run as one LoRA adapter on the original base and/or a merged model, with cards.
+
+    mot export runs/my-mot --adapter out/adapter                 # exact adapter (total rank)
+    mot export runs/my-mot --adapter out/adapter-r64 --rank 64   # SVD-truncated, error reported
+    mot export runs/my-mot --merged out/merged --dtype bfloat16  # full model, sharded safetensors
+    mot export runs/my-mot --adapter out/adapter --push-to-hub me/my-mot-lora --private
+
+Reads ``mot_run.json``, the last completed round's ``merged/`` adapter and ``metrics.jsonl``: no trainer needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..export import FinishedRun, export_run
+from ..hub import push_folder
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """The push_to_hub options of TRL/PEFT, shared by ``mot export`` and ``mot merge``."""
+    hub = parser.add_argument_group("Hub upload")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the result to this Hub repository.")
+    hub.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
+    hub.add_argument("--revision", help="Branch to upload to (created if missing).")
+    hub.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`).")
+
+
+def make_parser(prog: str | None = "mot export") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("run_dir", help="The output_dir of a MoT run.")
+    parser.add_argument("--adapter", metavar="DIR", help="Write one PEFT LoRA adapter on the original base here.")
+    parser.add_argument("--merged", metavar="DIR", help="Write the merged full model here.")
+    parser.add_argument("--rank", type=int, help="Rank budget of the adapter (default: exact, total rank).")
+    parser.add_argument("--dtype", help="dtype of the merged model (default: the base checkpoint's).")
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard of the merged model.")
+    parser.add_argument("--round", type=int, help="Export this round (default: the last completed one).")
+    parser.add_argument(
+        "--base-model", help="Hub id to record as the base when the run loaded it from a local folder."
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="Allow the base model's own code.")
+    add_hub_arguments(parser)
+    return parser
+
+
+def push(args: argparse.Namespace, folders: list[str]) -> None:
+    for folder in folders:
+        info = push_folder(folder, args.push_to_hub, args.private, args.revision, args.token)
+        print(f"uploaded {folder} to {getattr(info, 'commit_url', args.push_to_hub)}")
+
+
+def run_reporting_errors(parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """Parse ``argv`` and call ``run(parser, args)``; bad input exits with the message and status 2, no traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return run(parser, args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_reporting_errors(make_parser(), run, argv)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.adapter and not args.merged:
+        parser.error("nothing to export: pass --adapter DIR and/or --merged DIR.")
+    if args.push_to_hub and args.adapter and args.merged:
+        parser.error("--push-to-hub uploads one folder: export --adapter or --merged, not both.")
+    finished = FinishedRun(args.run_dir, args.round)
+    results = export_run(
+        finished,
+        adapter_dir=args.adapter,
+        merged_dir=args.merged,
+        rank=args.rank,
+        dtype=args.dtype,
+        base_model_id=args.base_model,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+        repo_id=args.push_to_hub,
+    )
+    if "adapter" in results:
+        r = results["adapter"]
+        print(
+            f"adapter (round {finished.round}) -> {args.adapter}: rank {r['rank']}, relative error "
+            f"{r['relative_error_total']:.3g} total, {r['relative_error_max']:.3g} worst layer"
+        )
+    if "merged" in results:
+        print(f"merged model (round {finished.round}, {results['merged']['dtype']}) -> {args.merged}")
+    if args.push_to_hub:
+        push(args, [args.adapter or args.merged])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
