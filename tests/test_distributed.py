@@ -80,8 +80,14 @@ def test_two_processes_reproduce_the_single_process_run(qwen3_dir, tmp_path):
 def test_launcher_env_is_hidden_from_transformers(monkeypatch, tmp_path):
     """Under torchrun's variables, MoTConfig records the rank and leaves transformers a single-process world.
 
-    Without the hiding, TrainingArguments(use_cpu=True) would call init_process_group and wait for process 0.
+    Without the hiding, TrainingArguments(use_cpu=True) calls init_process_group (and waits for process 0): the
+    tripwire makes that fail at once instead.
     """
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("transformers/accelerate set up data parallelism over the launch")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", tripwire)
     monkeypatch.setattr(distributed, "_launcher", None)
     launch = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     for key, value in dict(launch, MASTER_PORT=str(free_port())).items():

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_dataset=eval_dataset,
     )
     trainer.train()
-    print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
+    if trainer.dist.is_main:
+        print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
     return 0
 
 
