@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,13 +134,48 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
 
 def read_delta(model: PeftModel, adapter: str) -> dict[str, LowRankDelta]:
     """The fp32 delta ``B @ A * scaling`` of every layer the adapter touches, detached and on the CPU."""
-    deltas = {}
-    for name, layer in lora_layers(model).items():
-        if adapter in layer.lora_A:
-            A = layer.lora_A[adapter].weight.detach().float().cpu()
-            B = layer.lora_B[adapter].weight.detach().float().cpu() * layer.scaling[adapter]
-            deltas[name] = LowRankDelta(B, A)
-    return deltas
+    return detach_adapter(model, adapter).deltas()
+
+
+@dataclass
+class AdapterWeights:
+    """One LoRA adapter detached from the model: what PEFT saves for it, plus each layer's exact scaling.
+
+    Plain tensors and dicts, so another process can receive it (``distributed.py``) and save or merge it exactly as
+    the process that trained it would.
+    """
+
+    state: dict[str, torch.Tensor]  # PEFT's saved keys (``base_model.model.<module>.lora_{A,B}.weight``), fp32 CPU
+    config: dict  # the adapter's LoraConfig as a dict
+    scaling: dict[str, float]  # module name -> the layer's ``scaling`` for this adapter
+
+    def deltas(self) -> dict[str, LowRankDelta]:
+        """The fp32 delta ``B @ A * scaling`` of every layer (scaling folded into B)."""
+        deltas = {}
+        for module, factor in self.scaling.items():
+            key = f"base_model.model.{module}"
+            B, A = self.state[f"{key}.lora_B.weight"], self.state[f"{key}.lora_A.weight"]
+            deltas[module] = LowRankDelta(B * factor, A)
+        return deltas
+
+    def save(self, folder: Path, base_model_name_or_path: str | None) -> None:
+        """Write the adapter in PEFT's format (safetensors + adapter_config.json) straight into ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.state, folder / ADAPTER_WEIGHTS)
+        config = LoraConfig(**self.config)
+        config.base_model_name_or_path = base_model_name_or_path
+        config.save_pretrained(folder)
+
+
+def detach_adapter(model: PeftModel, adapter: str) -> AdapterWeights:
+    """Copy one adapter's weights (fp32, CPU), config and per-layer scaling out of the model."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    scaling = {name: layer.scaling[adapter] for name, layer in lora_layers(model).items() if adapter in layer.lora_A}
+    return AdapterWeights(
+        state={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+        config=model.peft_config[adapter].to_dict(),
+        scaling=scaling,
+    )
 
 
 def merged_adapter_config(
@@ -195,12 +231,7 @@ def install_merged(model: PeftModel, merged: Mapping[str, LowRankDelta], base_mo
 
 def save_adapter(model: PeftModel, adapter: str, folder: Path, base_model_name_or_path: str | None) -> None:
     """Write one adapter in PEFT's format (safetensors + adapter_config.json) straight into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, folder / ADAPTER_WEIGHTS)
-    config = LoraConfig(**model.peft_config[adapter].to_dict())
-    config.base_model_name_or_path = base_model_name_or_path
-    config.save_pretrained(folder)
+    detach_adapter(model, adapter).save(folder, base_model_name_or_path)
 
 
 def save_merged(merged: Mapping[str, LowRankDelta], folder: Path, base_model_name_or_path: str | None) -> None:

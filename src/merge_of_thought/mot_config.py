@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from . import distributed
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +76,7 @@ class MoTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
             logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
@@ -85,6 +88,7 @@ class MoTConfig(SFTConfig):
         if isinstance(self.teacher_weights, str):
             self.teacher_weights = json.loads(self.teacher_weights)
         super().__post_init__()
+        distributed.pin_device(self)
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
         if self.max_steps < 1:

@@ -3,10 +3,11 @@
 The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs it::
 
     for round t = 1..T:
-        for each teacher k:                      # one after another on the one loaded base model
+        for each teacher k of this process:      # all of them in one process; k % N == rank with N processes
             attach a fresh LoRA adapter (B = 0)  # the branch starts at the student
             SFTTrainer(...).train()              # teacher k's traces, max_steps, fresh optimizer and schedule
             dW_k = B_k @ A_k * scaling           # read in fp32, saved in PEFT format
+        gather every branch's factors            # distributed.py; a no-op in one process
         D = D + sum_k w_k dW_k                   # exact, as low-rank factors (merging.py)
         student = base + D                       # D is a frozen fp32 adapter; the base is never re-quantized
 """
@@ -29,9 +30,10 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters
+from . import adapters, distributed
 from .checkpointing import RunFolder
 from .data import normalized_weights, validate_teachers
+from .distributed import BranchResult
 from .merging import LowRankDelta, merge_round, summarize
 from .metrics import MetricsLog
 from .mot_config import MoTConfig
@@ -74,11 +76,17 @@ class MoTTrainer:
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
     ):
         self.args = _as_mot_config(args, model)
+        self.dist = distributed.process_group(self.args.ddp_timeout)
         # Every check on the user's input comes before the model is loaded and before any step is trained.
         validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
         self.teacher_names = list(teachers)
         self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
+        if self.dist.world_size > len(self.teacher_names):
+            raise ValueError(
+                f"{self.dist.world_size} processes for {len(self.teacher_names)} teachers: each process trains whole "
+                "branches, so launch at most one process per teacher."
+            )
         self.peft_config = adapters.validate_lora_config(peft_config or LoraConfig(**DEFAULT_LORA))
         if isinstance(model, PeftModel):
             raise TypeError(
@@ -91,6 +99,8 @@ class MoTTrainer:
             if quantization_config is not None:
                 init_kwargs["quantization_config"] = quantization_config
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+            if distributed.model_device_map() is not None:  # under a launcher: this process's GPU only
+                init_kwargs.setdefault("device_map", distributed.model_device_map())
             model = create_model_from_path(model, **init_kwargs)
         adapters.check_targets(model, self.peft_config)
         if processing_class is None:
@@ -108,39 +118,49 @@ class MoTTrainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.merged: dict[str, LowRankDelta] | None = None
         self.run = RunFolder(self.args.output_dir)
-        self.metrics = MetricsLog(self.run.metrics_path, enabled=self.args.process_index == 0)
+        self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ the algorithm
     def train(self) -> list[dict[str, Any]]:
         """Run every round; return the per-round records that also go to ``metrics.jsonl``."""
         args, rounds = self.args, []
         self._write_run_info()
-        progress = tqdm(
-            total=args.num_rounds * len(self.teacher_names), desc="MoT branches", disable=args.disable_tqdm
+        my_branches = self.dist.my_branches(len(self.teacher_names))
+        progress = tqdm(  # process 0's branches: the others train theirs at the same time
+            total=args.num_rounds * len(my_branches),
+            desc="MoT branches",
+            disable=args.disable_tqdm or not self.dist.is_main,
         )
         for round_idx in range(1, args.num_rounds + 1):
-            branch_deltas = []
-            for k, teacher in enumerate(self.teacher_names):
-                progress.set_postfix(round=round_idx, teacher=teacher)
-                branch_deltas.append(self._train_branch(round_idx, k, teacher))
+            mine = {}
+            for k in my_branches:
+                progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
+                mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])
                 progress.update()
+            branches = self.dist.gather_branches(mine, len(self.teacher_names))
+            self._save_branches(round_idx, branches)
             start = time.perf_counter()
             self.merged, reports = merge_round(
-                self.merged, branch_deltas, self.teacher_weights, args.merge_max_rank, args.merge_tolerance
+                self.merged,
+                [b.adapter.deltas() for b in branches],
+                self.teacher_weights,
+                args.merge_max_rank,
+                args.merge_tolerance,
             )
             adapters.install_merged(self.model, self.merged, self.base_model_id)  # student += sum_k w_k dW_k
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports)}
-            record.update(self.evaluate())
+            record.update(self.dist.on_main(self.evaluate))
             self.metrics.write(record)
             rounds.append(record)
         progress.close()
+        self.dist.barrier()  # the run folder is complete when train() returns on any process
         return rounds
 
     # ------------------------------------------------------------------ one branch
-    def _train_branch(self, round_idx: int, k: int, teacher: str) -> dict[str, LowRankDelta]:
-        """Train a fresh LoRA branch on one teacher from the current student; return its fp32 delta."""
+    def _train_branch(self, round_idx: int, k: int, teacher: str) -> BranchResult:
+        """Train a fresh LoRA branch on one teacher from the current student; return its adapter and metrics."""
         name = f"mot_branch_{k}"
         self.model = adapters.add_branch_adapter(
             self.model, name, self.peft_config, seed=self._branch_seed(round_idx, k)
@@ -154,12 +174,11 @@ class MoTTrainer:
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
         start = time.perf_counter()
         output = trainer.train()
-        delta = adapters.read_delta(self.model, name)
-        if self.args.save_branch_adapters and self.args.process_index == 0:
-            adapters.save_adapter(self.model, name, self.run.branch_dir(round_idx, teacher), self.base_model_id)
+        adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-        self.metrics.write(
+        return BranchResult(
+            adapter,
             {
                 "type": "branch",
                 "round": round_idx,
@@ -168,9 +187,18 @@ class MoTTrainer:
                 "train_loss": output.training_loss,
                 "last_loss": losses[-1] if losses else None,
                 "seconds": time.perf_counter() - start,
-            }
+            },
         )
-        return delta
+
+    def _save_branches(self, round_idx: int, branches: list[BranchResult]) -> None:
+        """Process 0 writes every branch's adapter and metrics line, whichever process trained it."""
+        if not self.dist.is_main:
+            return
+        for branch in branches:
+            if self.args.save_branch_adapters:
+                folder = self.run.branch_dir(round_idx, branch.record["teacher"])
+                branch.adapter.save(folder, self.base_model_id)
+            self.metrics.write(branch.record)
 
     def _branch_seed(self, round_idx: int, k: int) -> int:
         """Deterministic and distinct per branch, so each round sees a new data order and a new LoRA init."""
@@ -183,7 +211,7 @@ class MoTTrainer:
         fields.update(overrides)
         trainer = SFTTrainer(
             model=self.model,
-            args=SFTConfig(**fields),
+            args=distributed.pin_device(SFTConfig(**fields)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.processing_class,
@@ -215,13 +243,13 @@ class MoTTrainer:
         return {"eval_loss": trainer.evaluate()["eval_loss"]}
 
     def _save_round(self, round_idx: int, reports) -> None:
-        if self.args.process_index != 0:
+        if not self.dist.is_main:
             return
         adapters.save_merged(self.merged, self.run.merged_dir(round_idx), self.base_model_id)
         self.run.write_round(round_idx, self.teacher_names, self.teacher_weights, reports, self.merged)
 
     def _write_run_info(self) -> None:
-        if self.args.process_index != 0:
+        if not self.dist.is_main:
             return
         self.run.write_run(
             {

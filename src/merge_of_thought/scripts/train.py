@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
     trainer.train()
-    print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
+    if trainer.dist.is_main:
+        print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
     return 0
 
 
