@@ -46,6 +46,15 @@ class MoTConfig(SFTConfig):
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
             merge can be recomputed from disk.
+
+    Per-round evaluation of the merged student (on the trainer's ``eval_dataset``; its loss is always measured):
+        eval_accuracy_samples (`int`, defaults to `0`): score this many eval rows by greedy generation after every
+            round and before the first (0: off). Columns read: see `evaluation.prompts_and_answers`.
+        eval_max_new_tokens (`int`, defaults to `256`): generation budget per sample.
+        answer_pattern (`str`, *optional*): regex for the final answer (first group if any); defaults to the last
+            `\boxed{...}`, else the text after `####`.
+        answer_match (`str`, defaults to `"numeric"`): `"numeric"` compares numbers when both sides parse as one,
+            `"exact"` compares the normalized strings only.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_weights"]
@@ -71,6 +80,17 @@ class MoTConfig(SFTConfig):
         default=True, metadata={"help": "Save every branch adapter in PEFT format in its round folder."}
     )
 
+    eval_accuracy_samples: int = field(
+        default=0, metadata={"help": "Eval rows scored by greedy generation every round (0 turns it off)."}
+    )
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per eval sample."})
+    answer_pattern: str | None = field(
+        default=None, metadata={"help": "Regex for the final answer; default: last \\boxed{...}, else after '####'."}
+    )
+    answer_match: str = field(
+        default="numeric", metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]}
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
             logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
@@ -92,5 +112,9 @@ class MoTConfig(SFTConfig):
             )
         if self.merge_max_rank is not None and self.merge_max_rank < 1:
             raise ValueError(f"merge_max_rank must be at least 1 or unset, got {self.merge_max_rank}.")
+        if self.eval_accuracy_samples < 0:
+            raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
+        if self.answer_match not in ("numeric", "exact"):
+            raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
         if not 0 <= self.merge_rtol < 1:
             raise ValueError(f"merge_rtol must be in [0, 1), got {self.merge_rtol}.")
