@@ -43,9 +43,8 @@ Regenerate with `python docs/make_trl_diff.py`.
 
 def trl_diff() -> str:
     command = ["diff", "-u", "--label", "trl/scripts/sft.py", "--label", "examples/trl_sft_to_mot.py"]
-    return subprocess.run(
-        command + [trl.scripts.sft.__file__, str(ROOT / "examples" / "trl_sft_to_mot.py")], capture_output=True, text=True
-    ).stdout
+    files = [trl.scripts.sft.__file__, str(ROOT / "examples" / "trl_sft_to_mot.py")]
+    return subprocess.run(command + files, capture_output=True, text=True).stdout
 
 
 def code_changes(diff: str) -> list[str]:

@@ -35,7 +35,12 @@ def conversational(style: int, n: int = 8) -> Dataset:
     rows = make_teacher(style, n=n, seed=style)
     return Dataset.from_list(
         [
-            {"messages": [{"role": "user", "content": r["prompt"].strip()}, {"role": "assistant", "content": r["completion"]}]}
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"].strip()},
+                    {"role": "assistant", "content": r["completion"]},
+                ]
+            }
             for r in rows
         ]
     )

@@ -37,7 +37,8 @@ def test_example_runs_on_tiny_model(qwen3_dir, tmp_path):
         make_teacher(k, n=8, seed=k).to_json(str(path))
         specs.append({"path": "json", "data_files": str(path)})
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": qwen3_dir, "datasets": specs, "use_peft": True, "lora_r": 4, "lora_alpha": 8}))
+    values = {"model_name_or_path": qwen3_dir, "datasets": specs, "use_peft": True, "lora_r": 4, "lora_alpha": 8}
+    config.write_text(yaml.safe_dump(values))
     spec = importlib.util.spec_from_file_location("trl_sft_to_mot", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

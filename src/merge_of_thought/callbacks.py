@@ -73,7 +73,9 @@ def split_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Any], list[Mo
             callback = callback()
         if isinstance(callback, MoTCallback):
             mot_level.append(callback)
-        elif isinstance(callback, TrainerCallback) or (isinstance(callback, type) and issubclass(callback, TrainerCallback)):
+        elif isinstance(callback, TrainerCallback) or (
+            isinstance(callback, type) and issubclass(callback, TrainerCallback)
+        ):
             step_level.append(callback)
         else:
             raise TypeError(

@@ -133,19 +133,21 @@ def generation_accuracy(
     model.eval()
     tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly
     generate_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generate_kwargs.setdefault("pad_token_id", pad_id)
     records = []
     try:
-        with tqdm(total=len(prompts), desc="Generation accuracy", unit="sample", leave=False, disable=disable_tqdm) as bar:
+        bar = tqdm(total=len(prompts), desc="Generation accuracy", unit="sample", leave=False, disable=disable_tqdm)
+        with bar:
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
                 texts = [_render(tokenizer, p) for p in batch]
                 # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
-                inputs = tokenizer(
-                    texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(batch[0], str)
-                ).to(model.device)
+                ids = [tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"] for t, p in zip(texts, batch)]
+                inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
                 output = model.generate(**inputs, **generate_kwargs)
-                completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                generated = output[:, inputs["input_ids"].shape[1] :]
+                completions = tokenizer.batch_decode(generated, skip_special_tokens=True)
                 for prompt, completion, gold in zip(texts, completions, answers[start : start + batch_size]):
                     predicted = extract_final_answer(completion, pattern)
                     records.append(
@@ -187,7 +189,9 @@ def prompts_and_answers(
     """
     columns = set(dataset.column_names)
     if "prompt" not in columns and "messages" not in columns:
-        raise ValueError(f"eval data needs a 'prompt' or 'messages' column for generation accuracy, got {sorted(columns)}.")
+        raise ValueError(
+            f"eval data needs a 'prompt' or 'messages' column for generation accuracy, got {sorted(columns)}."
+        )
     rows = dataset.select(range(min(limit, len(dataset)))) if limit else dataset
     prompts, answers = [], []
     for index, row in enumerate(rows):

@@ -88,7 +88,8 @@ class MoTConfig(SFTConfig):
         default=None, metadata={"help": "Regex for the final answer; default: last \\boxed{...}, else after '####'."}
     )
     answer_match: str = field(
-        default="numeric", metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]}
+        default="numeric",
+        metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]},
     )
 
     def __post_init__(self):
