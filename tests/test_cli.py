@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
 from merge_of_thought.cli import main
+from merge_of_thought.scripts.train import make_parser
 
 from conftest import make_teacher
 
@@ -46,3 +50,47 @@ def test_mot_train_from_yaml_with_flag_override(qwen3_dir, tmp_path):
     assert run["steps_per_branch"] == 2  # the flag won over the YAML
     assert sorted(run["lora"]["target_modules"]) == ["q_proj", "v_proj"] and run["lora"]["r"] == 4
     assert (tmp_path / "out" / "round-001" / "branch-style1" / "adapter_model.safetensors").exists()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("key", ["datasets", "dataset_name"])
+def test_mot_train_refuses_trl_training_set_and_points_to_teachers(key, tmp_path):
+    value = [{"path": "json", "data_files": "a.jsonl"}] if key == "datasets" else "trl-lib/Capybara"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "x", key: value, "output_dir": str(tmp_path)}))
+    with pytest.raises(ValueError, match="teachers:"):
+        make_parser().parse_args_and_config(args=["--config", str(cfg)])
+
+
+def test_qwen3_8b_example_config_parses():
+    # bf16 is overridden only because this machine has no GPU (TrainingArguments refuses bf16 on it).
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        args=["--config", str(EXAMPLES / "configs" / "qwen3_8b_4teachers.yaml"), "--bf16", "false"]
+    )
+    assert len(script_args.teachers) == 4 and len({t.teacher for t in script_args.teachers}) == 4
+    assert model_args.model_name_or_path == "Qwen/Qwen3-8B" and model_args.load_in_4bit and model_args.use_peft
+    assert model_args.bnb_4bit_quant_type == "nf4" and model_args.lora_r == 16
+    assert model_args.lora_target_modules == "all-linear"
+    assert training_args.num_rounds == 5 and training_args.max_steps == 50 and training_args.gradient_checkpointing
+    assert yaml.safe_load((EXAMPLES / "configs" / "qwen3_8b_4teachers.yaml").read_text())["bf16"] is True
+
+
+def test_tiny_example_config_runs(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_tiny_assets", EXAMPLES / "make_tiny_assets.py")
+    assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets)
+    monkeypatch.chdir(tmp_path)  # the YAML's paths are relative to the working directory
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    assets.main("mot-tiny-data", n=8)
+    # The shipped YAML as is; flags only shorten the run.
+    argv = ["train", "--config", str(EXAMPLES / "configs" / "demo_tiny.yaml"), "--num_rounds", "1",
+            "--max_steps", "1", "--eval_accuracy_samples", "2", "--eval_max_new_tokens", "4", "--disable_tqdm", "true"]
+    assert main(argv) == 0
+    out = tmp_path / "mot-tiny-output"
+    rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1] and all("eval_accuracy" in r and "eval_loss" in r for r in rounds)
+    assert json.loads((out / "mot_run.json").read_text())["teachers"] == ["left-to-right", "commuted", "verbal"]
+    assert (out / "adapter_model.safetensors").exists()  # the student, written by save_model
+    assert list((out / "runs" / "round-001" / "verbal").glob("events.out.tfevents.*"))

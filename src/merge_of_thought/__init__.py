@@ -4,10 +4,12 @@ Each round the student is branched once per teacher, every branch trains a fresh
 SFTTrainer on that teacher's reasoning traces, and the branch deltas are averaged exactly into the student.
 """
 
+from .callbacks import MoTCallback
+from .data import load_teachers
 from .merging import LowRankDelta, merge_round
 from .mot_config import MoTConfig
 from .mot_trainer import MoTTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankDelta", "MoTConfig", "MoTTrainer", "merge_round", "__version__"]
+__all__ = ["LowRankDelta", "MoTCallback", "MoTConfig", "MoTTrainer", "load_teachers", "merge_round", "__version__"]

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
@@ -57,7 +58,18 @@ def validate_lora_config(peft_config: object) -> LoraConfig:
 
 
 def check_targets(model: PreTrainedModel, peft_config: LoraConfig) -> list[str]:
-    """The names of the linear modules the config adapts; a clear error if it adapts nothing or non-linear layers."""
+    """The names of the linear modules the config adapts; a clear error if it adapts nothing or non-linear layers.
+
+    ``target_modules=None`` (e.g. TRL's ``--use_peft`` without ``--lora_target_modules``) gets PEFT's default for the
+    architecture, as ``get_peft_model`` would pick it.
+    """
+    if peft_config.target_modules is None and model.config.model_type in LORA_DEFAULT_TARGETS:
+        peft_config.target_modules = set(LORA_DEFAULT_TARGETS[model.config.model_type])
+    if peft_config.target_modules is None:
+        raise ValueError(
+            f"LoraConfig has no target_modules and PEFT has no default for {model.config.model_type!r}: set "
+            "target_modules (e.g. 'all-linear')."
+        )
     matched, linear_names = [], set()
     all_linear = peft_config.target_modules == "all-linear"  # PEFT's shorthand: every linear but the output layer
     output_layer = model.get_output_embeddings()

@@ -1,9 +1,11 @@
-"""Checks on the teachers' data sets, made before any model is loaded or any step is trained."""
+"""The teachers' data sets: loading one branch per data set spec, and checks made before any model is loaded."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any
 
 from datasets import Dataset, IterableDataset
 
@@ -86,3 +88,47 @@ def normalized_weights(teacher_names: Sequence[str], weights: Mapping[str, float
     if not math.isclose(sum(values), 1.0, rel_tol=0, abs_tol=1e-6):
         raise ValueError(f"teacher_weights must sum to 1, got {values} (sum {sum(values):.6g}).")
     return values
+
+
+def teacher_name(spec: Any) -> str:
+    """A readable teacher name for a TRL ``DatasetConfig``: its ``teacher`` field if set, else the data file's stem
+    (``path: json, data_files: traces/r1.jsonl`` -> ``r1``) or the Hub id's last part and config name."""
+    explicit = getattr(spec, "teacher", None)
+    if explicit:
+        return explicit
+    files = spec.data_files
+    if isinstance(files, dict):
+        files = next(iter(files.values()), None)
+    if isinstance(files, (list, tuple)):
+        files = files[0] if len(files) == 1 else None
+    if isinstance(files, str):
+        return PurePath(files).name.split(".")[0]
+    name = str(spec.path).rstrip("/").split("/")[-1]
+    return f"{name}-{spec.name}" if spec.name else name
+
+
+def load_spec(spec: Any, streaming: bool = False) -> Dataset:
+    """One TRL ``DatasetConfig`` (path, name, data_files, split, columns) through TRL's own loader, alone."""
+    from trl import DatasetMixtureConfig, get_dataset
+
+    return get_dataset(DatasetMixtureConfig(datasets=[spec], streaming=streaming))["train"]
+
+
+def load_teachers(specs: Any) -> dict[str, Dataset]:
+    """Load each data set spec as its own teacher (never concatenated), through TRL's loader.
+
+    ``specs``: TRL's ``DatasetMixtureConfig`` (its ``datasets:`` entries, as TRL's scripts take them) or a list of
+    ``DatasetConfig``. Names come from :func:`teacher_name`; repeated names get ``-2``, ``-3``, ...
+    """
+    streaming = getattr(specs, "streaming", False)
+    specs = list(getattr(specs, "datasets", specs))
+    if not specs:
+        raise ValueError("No teacher data sets: give one `datasets:`/`teachers:` entry per teacher.")
+    teachers: dict[str, Dataset] = {}
+    for spec in specs:
+        name, n = teacher_name(spec), 1
+        while name in teachers:
+            n += 1
+            name = f"{teacher_name(spec)}-{n}"
+        teachers[name] = load_spec(spec, streaming)
+    return teachers

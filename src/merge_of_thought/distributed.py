@@ -221,6 +221,18 @@ class MoTProcessGroup:
         if self.world_size > 1:
             self._backend.barrier().wait()
 
+    # What TRL scripts call on ``trainer.accelerator``: print once, ask who is main, wait for the others.
+    @property
+    def is_main_process(self) -> bool:
+        return self.is_main
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def wait_for_everyone(self) -> None:
+        self.barrier()
+
     def _all_gather_buffer(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """All-gather 1-D CPU tensors of one dtype and any lengths: lengths first, then the buffers padded."""
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]

@@ -50,6 +50,15 @@ class MoTConfig(SFTConfig):
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
             merge can be recomputed from disk.
+
+    Per-round evaluation of the merged student (on the trainer's ``eval_dataset``; its loss is always measured):
+        eval_accuracy_samples (`int`, defaults to `0`): score this many eval rows by greedy generation after every
+            round and before the first (0: off). Columns read: see `evaluation.prompts_and_answers`.
+        eval_max_new_tokens (`int`, defaults to `256`): generation budget per sample.
+        answer_pattern (`str`, *optional*): regex for the final answer (first group if any); defaults to the last
+            `\boxed{...}`, else the text after `####`.
+        answer_match (`str`, defaults to `"numeric"`): `"numeric"` compares numbers when both sides parse as one,
+            `"exact"` compares the normalized strings only.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_weights"]
@@ -73,6 +82,18 @@ class MoTConfig(SFTConfig):
     )
     save_branch_adapters: bool = field(
         default=True, metadata={"help": "Save every branch adapter in PEFT format in its round folder."}
+    )
+
+    eval_accuracy_samples: int = field(
+        default=0, metadata={"help": "Eval rows scored by greedy generation every round (0 turns it off)."}
+    )
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per eval sample."})
+    answer_pattern: str | None = field(
+        default=None, metadata={"help": "Regex for the final answer; default: last \\boxed{...}, else after '####'."}
+    )
+    answer_match: str = field(
+        default="numeric",
+        metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]},
     )
 
     def __post_init__(self):
@@ -103,3 +124,7 @@ class MoTConfig(SFTConfig):
                 f"merge_tolerance must be in [0, 1e-3] (the merge fidelity bound), got {self.merge_tolerance}; use "
                 "merge_max_rank for a lossy rank budget."
             )
+        if self.eval_accuracy_samples < 0:
+            raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
+        if self.answer_match not in ("numeric", "exact"):
+            raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")

@@ -14,14 +14,17 @@ The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
@@ -31,12 +34,15 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from . import adapters, distributed
+from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import RunFolder
 from .data import normalized_weights, validate_teachers
 from .distributed import BranchResult
+from .evaluation import generation_accuracy, prompts_and_answers
 from .merging import LowRankDelta, merge_round, summarize
 from .metrics import MetricsLog
 from .mot_config import MoTConfig
+from .reporting import RoundReporter, logging_root, route_branch_logs
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +63,11 @@ class MoTTrainer:
         processing_class: the tokenizer; loaded from ``model`` when omitted.
         peft_config: the LoRA settings of every branch. Defaults to r=16, alpha=32 on all linear layers.
         quantization_config: used when ``model`` is loaded from an id or folder (e.g. 4-bit nf4 for QLoRA).
-        eval_dataset: held-out data; its loss is measured on the merged student after every round.
-        callbacks: transformers callbacks, handed to every branch's SFTTrainer.
+        eval_dataset: held-out data; its loss is measured on the starting student and after every round, and with
+            ``args.eval_accuracy_samples`` its generation accuracy (columns: 'prompt' or 'messages', and 'answer'
+            or 'completion'; see :func:`~merge_of_thought.evaluation.prompts_and_answers`).
+        callbacks: transformers ``TrainerCallback`` objects go to every branch's SFTTrainer; ``MoTCallback``
+            objects get the MoT events (round and branch begin/end, after merge, evaluate; see callbacks.py).
     """
 
     def __init__(
@@ -71,7 +80,7 @@ class MoTTrainer:
         quantization_config: BitsAndBytesConfig | None = None,
         eval_dataset: Dataset | None = None,
         data_collator: Callable | None = None,
-        callbacks: list[TrainerCallback] | None = None,
+        callbacks: list[TrainerCallback | MoTCallback] | None = None,
         formatting_func: Callable[[dict], str] | None = None,
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
     ):
@@ -112,8 +121,13 @@ class MoTTrainer:
         self.processing_class = processing_class
         self.datasets: dict[str, Dataset] = dict(teachers)  # replaced by the tokenized copy on first use
         self.eval_dataset = eval_dataset
+        self._eval_tokenized: Dataset | None = None
+        self.last_eval_records: list[dict[str, Any]] = []  # per-sample generations of the latest accuracy eval
         self.data_collator = data_collator
-        self.callbacks = list(callbacks or [])
+        self.callbacks, mot_callbacks = split_callbacks(callbacks)
+        self.logging_dir = logging_root(self.args)
+        self.fire = MoTCallbackHandler([RoundReporter(self.args, self.logging_dir / "mot", self.dist.is_main), *mot_callbacks])
+        self.should_stop = False  # a MoTCallback may set it: the run ends after the current round
         self.formatting_func = formatting_func
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.merged: dict[str, LowRankDelta] | None = None
@@ -121,17 +135,27 @@ class MoTTrainer:
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ the algorithm
-    def train(self) -> list[dict[str, Any]]:
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, Any]]:
         """Run every round; return the per-round records that also go to ``metrics.jsonl``."""
+        if resume_from_checkpoint:
+            raise NotImplementedError("Resuming a MoT run is not supported yet; start it again.")
         args, rounds = self.args, []
         self._write_run_info()
+        self.fire("on_train_begin", self)
+        if self.eval_dataset is not None:  # round 0: the starting student, the baseline of every later round
+            self.metrics.write({"type": "round", "round": 0, **self.dist.on_main(lambda: self._evaluate_round(0))})
         my_branches = self.dist.my_branches(len(self.teacher_names))
-        progress = tqdm(  # process 0's branches: the others train theirs at the same time
+        # The bar over rounds x branches (process 0's: the others train theirs at the same time) stays on the top
+        # line, above each branch's per-step bar.
+        progress = tqdm(
             total=args.num_rounds * len(my_branches),
             desc="MoT branches",
             disable=args.disable_tqdm or not self.dist.is_main,
+            position=0,
+            leave=True,
         )
         for round_idx in range(1, args.num_rounds + 1):
+            self.fire("on_round_begin", self, round_idx=round_idx)
             mine = {}
             for k in my_branches:
                 progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
@@ -151,11 +175,16 @@ class MoTTrainer:
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports)}
-            record.update(self.dist.on_main(self.evaluate))
+            self.fire("after_merge", self, round_idx=round_idx, metrics=record)
+            record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
             self.metrics.write(record)
             rounds.append(record)
+            self.fire("on_round_end", self, round_idx=round_idx, metrics=record)
+            if self.should_stop:
+                break
         progress.close()
         self.dist.barrier()  # the run folder is complete when train() returns on any process
+        self.fire("on_train_end", self, rounds=rounds)
         return rounds
 
     # ------------------------------------------------------------------ one branch
@@ -165,6 +194,7 @@ class MoTTrainer:
         self.model = adapters.add_branch_adapter(
             self.model, name, self.peft_config, seed=self._branch_seed(round_idx, k)
         )
+        self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
             train_dataset=self.datasets[teacher],
             output_dir=str(self.run.branch_dir(round_idx, teacher)),
@@ -172,23 +202,23 @@ class MoTTrainer:
             run_name=f"round{round_idx}/{teacher}",
         )
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
+        route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
         start = time.perf_counter()
         output = trainer.train()
         adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-        return BranchResult(
-            adapter,
-            {
-                "type": "branch",
-                "round": round_idx,
-                "teacher": teacher,
-                "steps": output.global_step,
-                "train_loss": output.training_loss,
-                "last_loss": losses[-1] if losses else None,
-                "seconds": time.perf_counter() - start,
-            },
-        )
+        record = {
+            "type": "branch",
+            "round": round_idx,
+            "teacher": teacher,
+            "steps": output.global_step,
+            "train_loss": output.training_loss,
+            "last_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start,
+        }
+        self.fire("on_branch_end", self, round_idx=round_idx, teacher=teacher, metrics=record)
+        return BranchResult(adapter, record)
 
     def _save_branches(self, round_idx: int, branches: list[BranchResult]) -> None:
         """Process 0 writes every branch's adapter and metrics line, whichever process trained it."""
@@ -230,17 +260,81 @@ class MoTTrainer:
 
     # ------------------------------------------------------------------ evaluation and records
     def evaluate(self) -> dict[str, float]:
-        """Eval loss of the current student on ``eval_dataset`` (empty when there is none)."""
-        if self.eval_dataset is None or not isinstance(self.model, PeftModel):
+        """The current student on ``eval_dataset``: eval loss and, with ``args.eval_accuracy_samples``, generation
+        accuracy (empty when there is no eval_dataset)."""
+        if self.eval_dataset is None:
             return {}
+        with self._peft_student():
+            metrics = {"eval_loss": self._eval_loss()}
+            if self.args.eval_accuracy_samples:
+                prompts, answers = prompts_and_answers(
+                    self.eval_dataset, self.args.eval_accuracy_samples, self.args.answer_pattern
+                )
+                result = generation_accuracy(
+                    self.model,
+                    self.processing_class,
+                    prompts,
+                    answers,
+                    batch_size=self.args.per_device_eval_batch_size,
+                    max_new_tokens=self.args.eval_max_new_tokens,
+                    pattern=self.args.answer_pattern,
+                    numeric=self.args.answer_match == "numeric",
+                    disable_tqdm=self.args.disable_tqdm,
+                )
+                self.last_eval_records = result.records
+                metrics["eval_accuracy"] = result.accuracy
+        return metrics
+
+    def _evaluate_round(self, round_idx: int) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            self.fire("on_evaluate", self, round_idx=round_idx, metrics=metrics)
+        return metrics
+
+    @contextlib.contextmanager
+    def _peft_student(self):
+        """Before round 1 the student is a plain model: a fresh branch adapter (B = 0) leaves its outputs unchanged
+        and lets SFTTrainer evaluate a quantized base, which it refuses without an adapter."""
+        if isinstance(self.model, PeftModel):
+            yield
+            return
+        self.model = adapters.add_branch_adapter(self.model, "mot_eval", self.peft_config, seed=self.args.seed)
+        try:
+            yield
+        finally:
+            adapters.remove_adapter(self.model, "mot_eval")
+
+    def _eval_loss(self) -> float:
         trainer = self._sft_trainer(
             train_dataset=self.datasets[self.teacher_names[0]],
-            eval_dataset=self.eval_dataset,
+            eval_dataset=self._eval_tokenized if self._eval_tokenized is not None else self.eval_dataset,
             output_dir=str(self.run.root / "eval"),
             report_to=[],
         )
-        self.eval_dataset = trainer.eval_dataset  # tokenized once
-        return {"eval_loss": trainer.evaluate()["eval_loss"]}
+        self._eval_tokenized = trainer.eval_dataset  # tokenized once; the raw rows stay for generation
+        return trainer.evaluate()["eval_loss"]
+
+    # ------------------------------------------------------------------ TRL-style script API
+    @property
+    def accelerator(self) -> distributed.MoTProcessGroup:
+        """The MoT processes, for scripts written against TRL: ``trainer.accelerator.print(...)`` prints once,
+        ``is_main_process`` and ``wait_for_everyone()`` work as on an Accelerator. Each branch has its own."""
+        return self.dist
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the student: the merged delta of all rounds as a PEFT LoRA adapter for the base model, plus the
+        tokenizer, so ``PeftModel.from_pretrained(base, output_dir)`` loads it."""
+        if self.merged is None:
+            raise RuntimeError("save_model() needs a trained student: call train() first.")
+        if not self.dist.is_main:
+            return
+        folder = Path(output_dir or self.args.output_dir)
+        adapters.save_merged(self.merged, folder, self.base_model_id)
+        self.processing_class.save_pretrained(folder)
+
+    def end(self) -> None:
+        """Release the distributed process group at the very end of a script (as ``Trainer.end``)."""
+        PartialState().destroy_process_group()
 
     def _save_round(self, round_idx: int, reports) -> None:
         if not self.dist.is_main:

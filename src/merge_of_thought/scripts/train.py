@@ -1,9 +1,10 @@
 """``mot train``: Merge-of-Thought from a TRL-style YAML config.
 
-The YAML takes the keys of TRL's ``ModelConfig`` (model_name_or_path, load_in_4bit, lora_r, lora_alpha,
-lora_target_modules, ...) and of :class:`~merge_of_thought.MoTConfig` (every SFTConfig key plus num_rounds,
-teacher_weights, ...), and a ``teachers:`` list shaped like TRL's ``datasets:`` entries with a teacher name and an
-optional weight. Each teacher is its own branch: the data sets are never concatenated. Flags override the YAML::
+The YAML takes the keys of TRL's ``ScriptArguments``, ``ModelConfig`` (model_name_or_path, load_in_4bit, lora_r,
+lora_alpha, lora_target_modules, ...) and of :class:`~merge_of_thought.MoTConfig` (every SFTConfig key plus
+num_rounds, teacher_weights, ...), and a ``teachers:`` list shaped like TRL's ``datasets:`` entries with a teacher
+name and an optional weight. Each teacher is its own branch: the data sets are never concatenated, which is why
+TRL's ``datasets:`` and ``dataset_name`` are refused with a pointer to ``teachers:``. Flags override the YAML::
 
     mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import ModelConfig, TrlParser, get_dataset, get_peft_config, get_quantization_config
-from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl.scripts.utils import DatasetConfig
 
 from ..hub import is_local_path
+from ..data import load_spec, load_teachers, teacher_name
 from ..mot_config import MoTConfig
 
 
@@ -29,29 +31,34 @@ class TeacherConfig(DatasetConfig):
 
 
 @dataclass
-class MoTScriptArguments:
-    """The teachers (one branch each) and an optional held-out set for per-round evaluation."""
+class MoTScriptArguments(ScriptArguments):
+    """TRL's script arguments, with the teachers (one branch each) and an optional held-out set for per-round
+    evaluation in place of the one training data set."""
 
     teachers: list[Any] = field(
         default_factory=list, metadata={"help": "Teacher data sets (YAML list of path/name/data_files/split/...)."}
     )
     eval_dataset: dict | None = field(
-        default=None, metadata={"help": "Held-out data set spec (same keys as a teacher) for per-round eval loss."}
+        default=None, metadata={"help": "Held-out data set spec (same keys as a teacher) for per-round evaluation."}
+    )
+    datasets: list[Any] | None = field(
+        default=None, metadata={"help": "Not used by MoT (TRL's data mixture): list the data sets under teachers:."}
     )
 
     def __post_init__(self):
+        if self.datasets or self.dataset_name:
+            given = "datasets:" if self.datasets else f"dataset_name: {self.dataset_name}"
+            raise ValueError(
+                f"mot train got {given!r}, TRL's single training set. MoT trains one branch per teacher and never "
+                "concatenates their data: list each teacher's data set under 'teachers:' instead, e.g.\n"
+                "teachers:\n  - teacher: r1\n    path: my-org/traces-r1\n    split: train"
+            )
         self.teachers = [t if isinstance(t, TeacherConfig) else TeacherConfig(**t) for t in self.teachers]
-        for index, teacher in enumerate(self.teachers):
-            if not teacher.teacher:
-                teacher.teacher = f"teacher{index}"
+        for teacher in self.teachers:
+            teacher.teacher = teacher_name(teacher)
         names = [t.teacher for t in self.teachers]
         if len(set(names)) != len(names):
-            raise ValueError(f"teacher names must be unique, got {names}.")
-
-
-def load_split(spec: DatasetConfig):
-    """One data set through TRL's own loader (a mixture of one: no concatenation with anything else)."""
-    return get_dataset(DatasetMixtureConfig(datasets=[spec]))["train"]
+            raise ValueError(f"teacher names must be unique, got {names}: set 'teacher:' in each entry.")
 
 
 def hub_dataset_id(spec: DatasetConfig) -> str | None:
@@ -82,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype=model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     )
-    teachers = {t.teacher: load_split(t) for t in script_args.teachers}
+    teachers = load_teachers(script_args.teachers)
     weights = {t.teacher: t.weight for t in script_args.teachers if t.weight is not None}
     if weights and training_args.teacher_weights is None:
         training_args.teacher_weights = weights
     model_args.use_peft = True  # MoT branches are LoRA adapters
     peft_config = get_peft_config(model_args) or LoraConfig(**DEFAULT_LORA)
-    eval_dataset = load_split(DatasetConfig(**script_args.eval_dataset)) if script_args.eval_dataset else None
+    eval_dataset = load_spec(DatasetConfig(**script_args.eval_dataset)) if script_args.eval_dataset else None
     trainer = MoTTrainer(
         model_args.model_name_or_path,
         args=training_args,
@@ -99,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
     trainer.train()
-    if trainer.dist.is_main:
-        print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"MoT finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
+    trainer.end()
     return 0
 
 

@@ -1,0 +1,91 @@
+"""Where a MoT run's curves go: one TensorBoard folder per branch, and per-round metrics through ``report_to``.
+
+Every branch is a separate SFT run of ``max_steps`` steps, so left alone all branches would write the same step
+numbers into the same TensorBoard folder. Instead (``<root>`` is ``$TENSORBOARD_LOGGING_DIR`` or
+``<output_dir>/runs``)::
+
+    <root>/round-001/<teacher>/   the branch's per-step curves (loss, learning_rate, ...), from transformers
+    <root>/mot/                   one point per round: eval/loss, eval/accuracy, merge statistics and
+                                  <teacher>/train_loss of each branch (round 0 is the starting student)
+
+Other integrations (W&B, MLflow, trackio, ...) get the same calls from transformers' own callbacks: each branch
+runs under ``run_name = "round<t>/<teacher>"`` and the per-round metrics are logged with ``step = round``.
+``metrics.jsonl`` stays the machine-readable record of everything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback, get_reporting_integration_callbacks
+
+from .callbacks import MoTCallback
+
+if TYPE_CHECKING:
+    from .mot_trainer import MoTTrainer
+
+
+def logging_root(args: TrainingArguments) -> Path:
+    """The TensorBoard root of the run: ``$TENSORBOARD_LOGGING_DIR`` (as transformers reads it) or output_dir/runs."""
+    env = os.getenv("TENSORBOARD_LOGGING_DIR")
+    return Path(env).expanduser() if env else Path(args.output_dir) / "runs"
+
+
+def route_branch_logs(trainer: Trainer, folder: Path) -> None:
+    """Point the branch trainer's TensorBoard callbacks (made from report_to or passed by the user) at ``folder``."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
+            callback.logging_dir = str(folder)
+
+
+def _numbers(metrics: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    return {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip
+    }
+
+
+class RoundReporter(MoTCallback):
+    """Logs one point per round to the ``report_to`` integrations, through transformers' own callbacks."""
+
+    def __init__(self, args: TrainingArguments, folder: Path, is_main: bool = True):
+        self.args, self.folder = args, folder
+        self.integrations: list = []
+        self.state = TrainerState(is_world_process_zero=is_main)
+        self.control = TrainerControl()
+        self.branch_metrics: dict[str, float] = {}
+
+    def on_train_begin(self, trainer: MoTTrainer) -> None:
+        self.integrations = [cls() for cls in get_reporting_integration_callbacks(self.args.report_to)]
+        for callback in self.integrations:
+            if isinstance(callback, TensorBoardCallback):
+                callback.logging_dir = str(self.folder)
+            callback.on_train_begin(self.args, self.state, self.control, model=trainer.model)
+
+    def on_branch_end(self, trainer: MoTTrainer, round_idx: int, teacher: str, metrics: Mapping[str, Any]) -> None:
+        numbers = _numbers(metrics, skip=("round", "steps"))
+        self.branch_metrics.update({f"{teacher}/{key}": value for key, value in numbers.items()})
+
+    def on_evaluate(self, trainer: MoTTrainer, round_idx: int, metrics: Mapping[str, Any]) -> None:
+        self._log(round_idx, _numbers(metrics))
+
+    def on_round_end(self, trainer: MoTTrainer, round_idx: int, metrics: Mapping[str, Any]) -> None:
+        logs = _numbers(metrics, skip=("round",) + tuple(k for k in metrics if k.startswith("eval_")))
+        self._log(round_idx, {**logs, **self.branch_metrics})
+        self.branch_metrics = {}
+
+    def on_train_end(self, trainer: MoTTrainer, rounds: list[dict[str, Any]]) -> None:
+        for callback in self.integrations:
+            callback.on_train_end(self.args, self.state, self.control, model=trainer.model)
+        self.integrations = []
+
+    def _log(self, round_idx: int, logs: dict[str, float]) -> None:
+        if not logs:
+            return
+        self.state.global_step = round_idx
+        self.state.log_history.append({**logs, "step": round_idx})
+        for callback in self.integrations:
+            callback.on_log(self.args, self.state, self.control, logs=dict(logs))
