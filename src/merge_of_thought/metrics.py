@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .checkpointing import writing
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``: the machine-readable record of a run, one JSON object per line."""
@@ -18,9 +20,10 @@ class MetricsLog:
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+        with writing(self.path.name, self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(dict(record), sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -45,7 +45,14 @@ class MoTConfig(SFTConfig):
             largest are dropped (numerically zero).
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
-            merge can be recomputed from disk.
+            merge can be recomputed from disk. (They are always written, as checkpoints; with `False` a round's
+            branch adapters are deleted once the round is merged.)
+        on_branch_divergence (`str`, defaults to `"raise"`): what a branch whose loss turns NaN or inf does:
+            `"raise"` stops the run with an error naming the teacher, round and step (every completed branch and
+            round stays on disk, resumable); `"drop"` leaves that branch out of the round's merge, renormalises the
+            other teachers' weights, and logs a `dropped_branch` record in metrics.jsonl.
+        overwrite_output_dir (`bool`, defaults to `False`): let a new run (not a resume) replace a MoT run already
+            in `output_dir`. Without it such a folder is refused, so two runs are never mixed.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_weights"]
@@ -71,6 +78,15 @@ class MoTConfig(SFTConfig):
         default=True, metadata={"help": "Save every branch adapter in PEFT format in its round folder."}
     )
 
+    on_branch_divergence: str = field(
+        default="raise",
+        metadata={"help": "On a NaN/inf loss in a branch: 'raise' (stop, resumable) or 'drop' (merge the others).",
+                  "choices": ["raise", "drop"]},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Let a new run replace a MoT run already in output_dir."}
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
             logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
@@ -92,5 +108,7 @@ class MoTConfig(SFTConfig):
             )
         if self.merge_max_rank is not None and self.merge_max_rank < 1:
             raise ValueError(f"merge_max_rank must be at least 1 or unset, got {self.merge_max_rank}.")
+        if self.on_branch_divergence not in ("raise", "drop"):
+            raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")
         if not 0 <= self.merge_rtol < 1:
             raise ValueError(f"merge_rtol must be in [0, 1), got {self.merge_rtol}.")

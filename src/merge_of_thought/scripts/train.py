@@ -6,6 +6,9 @@ teacher_weights, ...), and a ``teachers:`` list shaped like TRL's ``datasets:`` 
 optional weight. Each teacher is its own branch: the data sets are never concatenated. Flags override the YAML::
 
     mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
+
+After a crash, ``mot train --config ... --resume`` continues the run in ``output_dir`` after its last completed
+branch (``--resume_from_checkpoint true`` does the same).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class MoTScriptArguments:
     )
     eval_dataset: dict | None = field(
         default=None, metadata={"help": "Held-out data set spec (same keys as a teacher) for per-round eval loss."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the run in output_dir after its last completed branch (same configuration)."},
     )
 
     def __post_init__(self):
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         quantization_config=get_quantization_config(model_args),
         eval_dataset=eval_dataset,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if script_args.resume else None)
     print(f"MoT finished: the student is {training_args.output_dir}/round-{training_args.num_rounds:03d}/merged")
     return 0
 
