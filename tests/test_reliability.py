@@ -25,6 +25,7 @@ import merge_of_thought.checkpointing as checkpointing_module
 from merge_of_thought.cli import main as cli_main
 from merge_of_thought.checkpointing import CheckpointWriteError, RunFolder, atomic_dir
 from merge_of_thought.guards import BranchDivergedError
+from merge_of_thought.metrics import MetricsLog
 
 from conftest import make_teacher, tiny_config
 from crash_run import small_run
@@ -311,3 +312,12 @@ def test_mot_train_resume(qwen3_dir, tmp_path):
     assert [l["round"] for l in lines if l["type"] == "branch"] == [1, 1, 2, 2, 3, 3]  # nothing trained twice
     assert [l["rounds_done"] for l in lines if l["type"] == "resume"] == [1, 2]
     assert RunFolder(tmp_path / "out").completed_rounds() == [1, 2, 3]
+
+
+def test_a_metrics_line_cut_off_by_a_crash_is_skipped(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"type": "branch", "round": 1})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"type": "bra')  # killed mid-append
+    log.write({"type": "resume", "rounds_done": 0})
+    assert log.read() == [{"type": "branch", "round": 1}, {"type": "resume", "rounds_done": 0}]
