@@ -28,6 +28,8 @@ MISSING_MODEL = "/nonexistent/model/that/must/not/be/loaded"
         ({"a": make_teacher(0), "b": Dataset.from_list([{"question": "1+1", "answer": "2"}])}, "no usable column"),
         ([make_teacher(0), make_teacher(1)], "must be a dict"),
         ({"a": make_teacher(0), "b": [{"text": "x"}]}, "expected a datasets.Dataset"),
+        ({"a": make_teacher(0), "b": make_teacher(1).to_iterable_dataset()}, "IterableDataset is not supported"),
+        ({"a": make_teacher(0), "": make_teacher(1)}, "teacher names must be non-empty strings"),
     ],
 )
 def test_bad_teachers_fail_before_the_model_is_loaded(teachers, message, tmp_path):
@@ -55,7 +57,16 @@ def test_bad_teacher_weights(weights, message, tmp_path):
         build(MISSING_MODEL, {"a": make_teacher(0), "b": make_teacher(1)}, tmp_path, teacher_weights=weights)
 
 
-@pytest.mark.parametrize("field, value, message", [("num_rounds", 0, "num_rounds must be at least 1"), ("max_steps", -1, "max_steps must be at least 1"), ("merge_max_rank", 0, "merge_max_rank")])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_rounds", 0, "num_rounds must be at least 1"),
+        ("max_steps", -1, "max_steps must be at least 1"),
+        ("merge_max_rank", 0, "merge_max_rank"),
+        ("merge_tolerance", 0.01, r"merge_tolerance must be in \[0, 1e-3\]"),
+        ("on_branch_divergence", "skip", "on_branch_divergence must be 'raise' or 'drop'"),
+    ],
+)
 def test_bad_config_values(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         quick_config(tmp_path, **{field: value})

@@ -94,6 +94,11 @@ def check_targets(model: PreTrainedModel, peft_config: LoraConfig) -> list[str]:
     return matched
 
 
+def layer_dims(model: PreTrainedModel, module_names: list[str]) -> list[tuple[int, int]]:
+    """(in_features, out_features) of each named linear module: what sizes an adapter on them."""
+    return [(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in module_names]
+
+
 def add_branch_adapter(
     model: PreTrainedModel | PeftModel, name: str, peft_config: LoraConfig, seed: int
 ) -> PeftModel:
@@ -224,12 +229,24 @@ def merged_state_dict(merged: Mapping[str, LowRankDelta], rank: int) -> dict[str
     return state
 
 
-def install_merged(model: PeftModel, merged: Mapping[str, LowRankDelta], base_model_name_or_path: str | None) -> None:
-    """Replace the frozen merged-state adapter with ``merged`` (fp32, whatever the base precision)."""
+def install_merged(
+    model: PreTrainedModel | PeftModel,
+    merged: Mapping[str, LowRankDelta],
+    base_model_name_or_path: str | None,
+    task_type: str | None = None,
+) -> PeftModel:
+    """Replace the frozen merged-state adapter with ``merged`` (fp32, whatever the base precision).
+
+    A plain model (a resumed run) is wrapped with ``task_type``, the PeftModel class its branches would create.
+    """
     config = merged_adapter_config(merged, base_model_name_or_path)
-    if MERGED_ADAPTER in model.peft_config:
-        model.delete_adapter(MERGED_ADAPTER)
-    model.add_adapter(MERGED_ADAPTER, config)
+    if not isinstance(model, PeftModel):
+        config.task_type = task_type
+        model = get_peft_model(model, config, adapter_name=MERGED_ADAPTER)
+    else:
+        if MERGED_ADAPTER in model.peft_config:
+            model.delete_adapter(MERGED_ADAPTER)
+        model.add_adapter(MERGED_ADAPTER, config)
     layers = lora_layers(model)
     with torch.no_grad():
         for name, delta in merged.items():
@@ -239,6 +256,7 @@ def install_merged(model: PeftModel, merged: Mapping[str, LowRankDelta], base_mo
             layer.lora_A[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.A.to(A.device), requires_grad=False)
             layer.lora_B[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.B.to(B.device), requires_grad=False)
     _activate(model, trainable=None)
+    return model
 
 
 def save_adapter(model: PeftModel, adapter: str, folder: Path, base_model_name_or_path: str | None) -> None:

@@ -14,22 +14,104 @@ output_dir/
 The start state of round t is ``round-(t-1)/merged`` (round 1 starts from the base model), so
 ``round-t/merged == start + sum_k w_k * branch_k`` can be recomputed from disk, and the final student is
 ``PeftModel.from_pretrained(base_model, "round-T/merged")``.
+
+Crash safety: every folder and JSON file is written under a temporary name and renamed into place
+(:func:`atomic_dir`, :func:`write_json_atomic`), so what exists under its final name is complete. A branch is done
+once ``branch-<teacher>/`` exists (or ``dropped-<teacher>.json``, when a diverged branch was left out); a round is
+done once ``round.json`` exists, which is written after ``merged/``. :meth:`RunFolder.resume_point` reads exactly
+that back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import ADAPTER_WEIGHTS, load_delta
 from .merging import LowRankDelta, MergeReport
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE = "mot_run.json"
 METRICS_FILE = "metrics.jsonl"
+ROUND_FILE = "round.json"
+_TEMP_MARK = ".tmp-"  # in the names of folders and files still being written; never read as results
+
+# The fields of mot_run.json that must match for a resumed run to continue the one on disk (anything else, such as
+# the learning rate or num_rounds, may change on resume: e.g. a lower learning rate after a diverged branch).
+IDENTITY_FIELDS = (
+    "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank"
+)
+
+
+class CheckpointWriteError(OSError):
+    """Writing the run folder failed (full disk, lost permission); what was completed before is intact."""
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` into an error that says so and that the run can be resumed."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except OSError as error:
+        reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+        raise CheckpointWriteError(
+            error.errno,
+            f"Could not write {what} to {path}: {reason}. Every branch and round completed before it is intact; fix "
+            "the cause, then resume with trainer.train(resume_from_checkpoint=True) or `mot train --resume`.",
+        ) from error
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, what: str | None = None, last: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success its synced files appear under ``path`` atomically.
+
+    A new ``path`` is the temporary folder renamed in one step. An existing one (a branch's trainer writes its logs
+    there) receives the files one rename at a time with ``last`` renamed last, so ``path/last`` exists only once
+    every other file is in place: readers take it as the completion mark. A crash or an error leaves no partial
+    file under ``path``; an error also removes the temporary folder.
+    """
+    path = Path(path)
+    with writing(what or path.name, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
+        try:
+            yield tmp
+            files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
+            for file in files:
+                with file.open("rb") as f:
+                    os.fsync(f.fileno())
+            if path.exists():
+                for file in files:
+                    os.replace(file, path / file.name)
+                tmp.rmdir()
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,12 +125,17 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    with writing(path.name, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}{_TEMP_MARK}") as f:
+            try:
+                json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                os.unlink(f.name)
+                raise
+        os.replace(f.name, path)
 
 
 def teacher_slug(name: str) -> str:
@@ -88,8 +175,12 @@ class RunFolder:
         weights: list[float],
         reports: Mapping[str, MergeReport],
         merged: Mapping[str, LowRankDelta],
+        dropped: Sequence[str] = (),
     ) -> None:
-        """Record how ``round-t/merged`` was made; written after the adapters it names, so it marks completion."""
+        """Record how ``round-t/merged`` was made; written after the adapters it names, so it marks completion.
+
+        ``teachers`` and ``weights`` are the branches that were merged; ``dropped`` the diverged ones left out.
+        """
         start = None if round_idx == 1 else os.path.relpath(self.merged_dir(round_idx - 1), self.round_dir(round_idx))
         record = {
             "round": round_idx,
@@ -98,6 +189,7 @@ class RunFolder:
                 name: {"weight": w, "adapter": self.branch_dir(round_idx, name).name}
                 for name, w in zip(teachers, weights)
             },
+            "dropped": list(dropped),
             "merged": "merged",
             "merged_rank": max(d.rank for d in merged.values()),
             "layers": {
@@ -109,11 +201,127 @@ class RunFolder:
                 for name, r in reports.items()
             },
         }
-        write_json_atomic(self.round_dir(round_idx) / "round.json", record)
+        write_json_atomic(self.round_dir(round_idx) / ROUND_FILE, record)
 
     def completed_rounds(self) -> list[int]:
         """Rounds whose ``round.json`` exists (it is the last file a round writes)."""
         found = []
-        for path in self.root.glob("round-*/round.json"):
+        for path in self.root.glob(f"round-*/{ROUND_FILE}"):
             found.append(int(path.parent.name.split("-")[1]))
         return sorted(found)
+
+    # ------------------------------------------------------------------ resuming
+    def dropped_path(self, round_idx: int, teacher: str) -> Path:
+        return self.round_dir(round_idx) / f"dropped-{teacher_slug(teacher)}.json"
+
+    def has_run(self) -> bool:
+        """Whether a MoT run already wrote here."""
+        return (self.root / RUN_FILE).exists() or any(self.root.glob("round-*"))
+
+    def resume_point(self, teachers: Sequence[str]) -> ResumePoint:
+        """How far the run on disk got: its completed rounds, then the finished branches of the round after them."""
+        done, rounds = 0, set(self.completed_rounds())
+        while done + 1 in rounds:
+            done += 1
+        point = ResumePoint(rounds_done=done)
+        for teacher in teachers:
+            if (self.branch_dir(done + 1, teacher) / ADAPTER_WEIGHTS).exists():
+                point.branches_done.append(teacher)
+            elif self.dropped_path(done + 1, teacher).exists():
+                point.branches_dropped.append(teacher)
+        return point
+
+    def read_branch(self, round_idx: int, teacher: str) -> dict[str, LowRankDelta]:
+        """A finished branch's delta, bit for bit the fp32 factors the run held (adapters are saved in fp32)."""
+        return load_delta(self.branch_dir(round_idx, teacher))
+
+    def read_merged(self, round_idx: int) -> dict[str, LowRankDelta]:
+        """The merged delta after ``round_idx`` with each layer at its own rank, as the run held it.
+
+        The saved adapter pads every layer to one rank with zeros; ``round.json`` records each layer's rank.
+        """
+        merged = load_delta(self.merged_dir(round_idx))
+        layers = json.loads((self.round_dir(round_idx) / ROUND_FILE).read_text()).get("layers", {})
+        for name, delta in merged.items():
+            rank = layers.get(name, {}).get("rank_after", delta.rank)
+            merged[name] = LowRankDelta(delta.B[:, :rank].contiguous(), delta.A[:rank].contiguous())
+        return merged
+
+    def remove_partial(self) -> None:
+        """Delete what a killed run left half written (temporary names only; nothing complete is touched)."""
+        for path in [*self.root.glob(f".*{_TEMP_MARK}*"), *self.root.glob(f"round-*/.*{_TEMP_MARK}*")]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove a previous run's records and adapters (only what MoT writes; other files stay)."""
+        for path in self.root.glob("round-*"):
+            shutil.rmtree(path)
+        for name in (RUN_FILE, METRICS_FILE):
+            (self.root / name).unlink(missing_ok=True)
+        self.remove_partial()
+
+    def check_identity(self, info: Mapping[str, Any]) -> None:
+        """Refuse to continue the run on disk with a configuration that would mix another run into it."""
+        saved = self.read_run()
+        current = json.loads(json.dumps(dict(info), default=_jsonable))  # compare as JSON, like the saved copy
+        differences = [
+            f"  {key}: on disk {saved[key]!r}, now {current.get(key)!r}"
+            for key in IDENTITY_FIELDS
+            if key in saved and saved[key] != current.get(key)
+        ]
+        if differences:
+            raise ValueError(
+                f"Cannot resume the MoT run in {self.root}: it was made with another configuration.\n"
+                + "\n".join(differences)
+                + "\nResume with the settings on disk, or start a new run in another output_dir (or set "
+                "overwrite_output_dir=True to replace this one)."
+            )
+
+    # ------------------------------------------------------------------ before training
+    def check_writable(self) -> None:
+        """Create the folder and write a probe file: a clear error now rather than after the first branch."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=f".write-probe{_TEMP_MARK}") as f:
+                f.write(b"ok")
+                f.flush()
+        except OSError as error:
+            raise CheckpointWriteError(
+                error.errno,
+                f"output_dir {str(self.root)!r} is not writable ({error.strerror or error}). MoT writes every "
+                "branch adapter and merged round there; choose a folder you can write to.",
+            ) from error
+
+    def check_free_space(self, bytes_per_round: int, bytes_left: int) -> None:
+        """Error if the disk cannot hold even the next round's adapters; warn if it cannot hold the whole run."""
+        free = shutil.disk_usage(self.root).free
+        if free < bytes_per_round:
+            raise CheckpointWriteError(
+                errno.ENOSPC,
+                f"Not enough disk space in {self.root}: a round writes about {_mb(bytes_per_round)} of adapters, "
+                f"only {_mb(free)} is free. Free some space or choose another output_dir.",
+            )
+        if free < bytes_left:
+            logger.warning(
+                "The rest of this MoT run writes about %s to %s, but only %s is free; it will stop when the disk is "
+                "full and can then be resumed.", _mb(bytes_left), self.root, _mb(free)
+            )
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: after ``rounds_done`` rounds, with these branches of the next round already done."""
+
+    rounds_done: int = 0
+    branches_done: list[str] = field(default_factory=list)
+    branches_dropped: list[str] = field(default_factory=list)
+
+    def branches_finished(self, n_teachers: int) -> int:
+        return self.rounds_done * n_teachers + len(self.branches_done) + len(self.branches_dropped)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

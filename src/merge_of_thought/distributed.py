@@ -166,33 +166,35 @@ class MoTProcessGroup:
         """The branch indices (teacher order) this process trains each round: k with ``k % world_size == rank``."""
         return list(range(self.rank, count, self.world_size))
 
-    def gather_branches(self, mine: Mapping[int, BranchResult], count: int) -> list[BranchResult]:
-        """Every process's branches of this round, on every process, in teacher order.
+    def gather_branches(self, mine: Mapping[int, BranchResult | None]) -> dict[int, BranchResult | None]:
+        """Every process's branches of this round (index -> result, None for a dropped branch), on every process.
 
         Two gathers: the small part (configs, scalings, metrics, tensor shapes) pickled, then all factors of a
         process flattened into one fp32 buffer.
         """
-        if self.world_size > 1:
-            local = sorted(mine.items())
-            layouts = self.all_gather_object(
-                [(k, b.adapter.config, b.adapter.scaling, b.record, _shapes(b.adapter.state)) for k, b in local]
-            )
-            flat = [t.reshape(-1) for _, b in local for t in b.adapter.state.values()]
-            buffers = self._all_gather_buffer(torch.cat(flat) if flat else torch.zeros(0))
-            mine = {}  # now every process's
-            for layout, buffer in zip(layouts, buffers):
-                offset = 0
-                for k, config, scaling, record, shapes in layout:
-                    state = {}
-                    for key, shape in shapes:
-                        size = shape.numel()
-                        state[key] = buffer[offset : offset + size].view(shape).clone()
-                        offset += size
-                    mine[k] = BranchResult(AdapterWeights(state, config, scaling), record)
-        missing = sorted(set(range(count)) - set(mine))
-        if missing:
-            raise RuntimeError(f"branches {missing} were trained by no process")
-        return [mine[k] for k in range(count)]
+        if self.world_size == 1:
+            return dict(mine)
+        local = sorted(mine.items())
+        layouts = self.all_gather_object(
+            [(k, None) if b is None else (k, (b.adapter.config, b.adapter.scaling, b.record, _shapes(b.adapter.state)))
+             for k, b in local]
+        )  # fmt: skip
+        flat = [t.reshape(-1) for _, b in local if b is not None for t in b.adapter.state.values()]
+        buffers = self._all_gather_buffer(torch.cat(flat) if flat else torch.zeros(0))
+        gathered: dict[int, BranchResult | None] = {}
+        for layout, buffer in zip(layouts, buffers):
+            offset = 0
+            for k, parts in layout:
+                if parts is None:
+                    gathered[k] = None
+                    continue
+                config, scaling, record, shapes = parts
+                state = {}
+                for key, shape in shapes:
+                    state[key] = buffer[offset : offset + shape.numel()].view(shape).clone()
+                    offset += shape.numel()
+                gathered[k] = BranchResult(AdapterWeights(state, config, scaling), record)
+        return dict(sorted(gathered.items()))
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every process's ``obj`` (picklable), in rank order."""

@@ -49,7 +49,14 @@ class MoTConfig(SFTConfig):
             allow while staying 10x inside the 1e-3 fidelity bound. 0 keeps every non-zero direction.
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
-            merge can be recomputed from disk.
+            merge can be recomputed from disk. (They are always written, as checkpoints; with `False` a round's
+            branch adapters are deleted once the round is merged.)
+        on_branch_divergence (`str`, defaults to `"raise"`): what a branch whose loss turns NaN or inf does:
+            `"raise"` stops the run with an error naming the teacher, round and step (every completed branch and
+            round stays on disk, resumable); `"drop"` leaves that branch out of the round's merge, renormalises the
+            other teachers' weights, and logs a `dropped_branch` record in metrics.jsonl.
+        overwrite_output_dir (`bool`, defaults to `False`): let a new run (not a resume) replace a MoT run already
+            in `output_dir`. Without it such a folder is refused, so two runs are never mixed.
 
     Per-round evaluation of the merged student (on the trainer's ``eval_dataset``; its loss is always measured):
         eval_accuracy_samples (`int`, defaults to `0`): score this many eval rows by greedy generation after every
@@ -95,6 +102,14 @@ class MoTConfig(SFTConfig):
         default="numeric",
         metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]},
     )
+    on_branch_divergence: str = field(
+        default="raise",
+        metadata={"help": "On a NaN/inf loss in a branch: 'raise' (stop, resumable) or 'drop' (merge the others).",
+                  "choices": ["raise", "drop"]},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Let a new run replace a MoT run already in output_dir."}
+    )
 
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
@@ -128,3 +143,5 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
         if self.answer_match not in ("numeric", "exact"):
             raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
+        if self.on_branch_divergence not in ("raise", "drop"):
+            raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")

@@ -10,6 +10,9 @@ The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs 
         gather every branch's factors            # distributed.py; a no-op in one process
         D = D + sum_k w_k dW_k                   # exact, as low-rank factors (merging.py)
         student = base + D                       # D is a frozen fp32 adapter; the base is never re-quantized
+
+Every branch adapter and every merged round is checkpointed atomically in ``output_dir`` (checkpointing.py), so
+``train(resume_from_checkpoint=True)`` continues after the last completed branch with the same result.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from trl.trainer.utils import create_model_from_path
 
 from . import adapters, distributed
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import RunFolder
+from .checkpointing import ResumePoint, RunFolder, atomic_dir, write_json_atomic
 from .data import normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
+from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
 from .merging import LowRankDelta, merge_round, summarize
 from .metrics import MetricsLog
 from .mot_config import MoTConfig
@@ -102,6 +106,8 @@ class MoTTrainer:
                 "MoTTrainer was given a PeftModel. Pass the base model and the LoRA settings as peft_config: MoT "
                 "attaches a fresh adapter per branch and keeps the merged rounds in one of its own."
             )
+        self.run = RunFolder(self.args.output_dir)
+        self.run.check_writable()
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         if isinstance(model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
@@ -111,7 +117,7 @@ class MoTTrainer:
             if distributed.model_device_map() is not None:  # under a launcher: this process's GPU only
                 init_kwargs.setdefault("device_map", distributed.model_device_map())
             model = create_model_from_path(model, **init_kwargs)
-        adapters.check_targets(model, self.peft_config)
+        self._layer_dims = adapters.layer_dims(model, adapters.check_targets(model, self.peft_config))
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(
                 self.base_model_id, trust_remote_code=self.args.trust_remote_code
@@ -133,47 +139,54 @@ class MoTTrainer:
         self.merged: dict[str, LowRankDelta] | None = None
         self.run = RunFolder(self.args.output_dir)
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
+        self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
+        self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
+        self._resume = ResumePoint()
+        self._restored: dict[str, dict[str, LowRankDelta] | None] = {}  # finished branches of a resumed round
 
     # ------------------------------------------------------------------ the algorithm
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, Any]]:
-        """Run every round; return the per-round records that also go to ``metrics.jsonl``."""
-        if resume_from_checkpoint:
-            raise NotImplementedError("Resuming a MoT run is not supported yet; start it again.")
-        args, rounds = self.args, []
-        self._write_run_info()
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, Any]]:
+        """Run every round; return the per-round records that also go to ``metrics.jsonl``.
+
+        ``resume_from_checkpoint=True`` (or the run's folder) continues the run in ``output_dir`` after its last
+        completed branch; unset, it defaults to ``args.resume_from_checkpoint``.
+        """
+        args = self.args
+        rounds = self._start_run(resume_from_checkpoint)  # the records of rounds completed before a resume
         self.fire("on_train_begin", self)
-        if self.eval_dataset is not None:  # round 0: the starting student, the baseline of every later round
+        if self.eval_dataset is not None and not rounds:  # round 0: the starting student, every round's baseline
             self.metrics.write({"type": "round", "round": 0, **self.dist.on_main(lambda: self._evaluate_round(0))})
         my_branches = self.dist.my_branches(len(self.teacher_names))
-        # The bar over rounds x branches (process 0's: the others train theirs at the same time) stays on the top
-        # line, above each branch's per-step bar.
+        # The bar over rounds x branches (this process's) stays on the top line, above each branch's step bar.
         progress = tqdm(
             total=args.num_rounds * len(my_branches),
+            initial=self._resume.rounds_done * len(my_branches),
             desc="MoT branches",
             disable=args.disable_tqdm or not self.dist.is_main,
             position=0,
             leave=True,
         )
-        for round_idx in range(1, args.num_rounds + 1):
+        for round_idx in range(self._resume.rounds_done + 1, args.num_rounds + 1):
             self.fire("on_round_begin", self, round_idx=round_idx)
+            branch_deltas, self._restored = self._restored, {}  # teacher -> delta (None: dropped) before a resume
             mine = {}
             for k in my_branches:
+                if self.teacher_names[k] in branch_deltas:  # finished before the resume
+                    continue
                 progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
-                mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])
+                mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
                 progress.update()
-            branches = self.dist.gather_branches(mine, len(self.teacher_names))
-            self._save_branches(round_idx, branches)
+            branch_deltas.update(self._gather_branches(round_idx, mine))
+            teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
             start = time.perf_counter()
             self.merged, reports = merge_round(
-                self.merged,
-                [b.adapter.deltas() for b in branches],
-                self.teacher_weights,
-                args.merge_max_rank,
-                args.merge_tolerance,
+                self.merged, deltas, weights, args.merge_max_rank, args.merge_tolerance
             )
-            adapters.install_merged(self.model, self.merged, self.base_model_id)  # student += sum_k w_k dW_k
+            self.model = adapters.install_merged(  # student += sum_k w_k dW_k
+                self.model, self.merged, self.base_model_id, self.peft_config.task_type
+            )
             merge_seconds = time.perf_counter() - start
-            self._save_round(round_idx, reports)
+            self._save_round(round_idx, reports, teachers, weights)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports)}
             self.fire("after_merge", self, round_idx=round_idx, metrics=record)
             record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
@@ -194,17 +207,23 @@ class MoTTrainer:
         self.model = adapters.add_branch_adapter(
             self.model, name, self.peft_config, seed=self._branch_seed(round_idx, k)
         )
+        folder = self.run.branch_dir(round_idx, teacher)
         self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
             train_dataset=self.datasets[teacher],
-            output_dir=str(self.run.branch_dir(round_idx, teacher)),
+            output_dir=str(folder),
             seed=self._branch_seed(round_idx, k),
             run_name=f"round{round_idx}/{teacher}",
         )
+        trainer.add_callback(DivergenceGuard(teacher, round_idx))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
         route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
         start = time.perf_counter()
-        output = trainer.train()
+        try:
+            output = trainer.train()
+        except BranchDivergedError as error:
+            adapters.remove_adapter(self.model, name)
+            return self._diverged(error)
         adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -217,18 +236,30 @@ class MoTTrainer:
             "last_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - start,
         }
+        branch = BranchResult(adapter, record)
+        self._checkpoint_branch(round_idx, branch)
         self.fire("on_branch_end", self, round_idx=round_idx, teacher=teacher, metrics=record)
-        return BranchResult(adapter, record)
+        return branch
 
-    def _save_branches(self, round_idx: int, branches: list[BranchResult]) -> None:
-        """Process 0 writes every branch's adapter and metrics line, whichever process trained it."""
+    def _checkpoint_branch(self, round_idx: int, branch: BranchResult) -> None:
+        """Process 0 writes a branch's adapter (complete once its weights file is in place), then its metrics line."""
         if not self.dist.is_main:
             return
-        for branch in branches:
-            if self.args.save_branch_adapters:
-                folder = self.run.branch_dir(round_idx, branch.record["teacher"])
-                branch.adapter.save(folder, self.base_model_id)
-            self.metrics.write(branch.record)
+        teacher = branch.record["teacher"]
+        what = f"the adapter of teacher {teacher!r} in round {round_idx}"
+        with atomic_dir(self.run.branch_dir(round_idx, teacher), what, last=adapters.ADAPTER_WEIGHTS) as tmp:
+            branch.adapter.save(tmp, self.base_model_id)
+        self.metrics.write(branch.record)
+
+    def _gather_branches(
+        self, round_idx: int, mine: Mapping[int, BranchResult | None]
+    ) -> dict[str, dict[str, LowRankDelta] | None]:
+        """Every process's branches of this round as deltas (None: dropped); process 0 checkpoints the others'."""
+        gathered = self.dist.gather_branches(mine)
+        for k, branch in gathered.items():
+            if k not in mine and branch is not None:
+                self._checkpoint_branch(round_idx, branch)
+        return {self.teacher_names[k]: None if b is None else b.adapter.deltas() for k, b in gathered.items()}
 
     def _branch_seed(self, round_idx: int, k: int) -> int:
         """Deterministic and distinct per branch, so each round sees a new data order and a new LoRA init."""
@@ -336,27 +367,127 @@ class MoTTrainer:
         """Release the distributed process group at the very end of a script (as ``Trainer.end``)."""
         PartialState().destroy_process_group()
 
-    def _save_round(self, round_idx: int, reports) -> None:
+    def _save_round(self, round_idx: int, reports, teachers: list[str], weights: list[float]) -> None:
+        """The merge checkpoint: ``merged/`` then ``round.json``, which marks the round complete."""
         if not self.dist.is_main:
             return
-        adapters.save_merged(self.merged, self.run.merged_dir(round_idx), self.base_model_id)
-        self.run.write_round(round_idx, self.teacher_names, self.teacher_weights, reports, self.merged)
+        with atomic_dir(self.run.merged_dir(round_idx), f"the merged adapter of round {round_idx}") as tmp:
+            adapters.save_merged(self.merged, tmp, self.base_model_id)
+        dropped = [t for t in self.teacher_names if t not in teachers]
+        self.run.write_round(round_idx, teachers, weights, reports, self.merged, dropped)
+        if not self.args.save_branch_adapters:  # they were checkpoints only; the logs beside them stay
+            for teacher in teachers:
+                for file in (adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG):
+                    (self.run.branch_dir(round_idx, teacher) / file).unlink(missing_ok=True)
 
-    def _write_run_info(self) -> None:
-        if not self.dist.is_main:
-            return
-        self.run.write_run(
-            {
-                "base_model": self.base_model_id,
-                "teachers": self.teacher_names,
-                "teacher_weights": self.teacher_weights,
-                "teacher_datasets": self.teacher_datasets,
-                "num_rounds": self.args.num_rounds,
-                "steps_per_branch": self.args.max_steps,
-                "lora": self.peft_config.to_dict(),
-                "seed": self.args.seed,
-            }
-        )
+    # ------------------------------------------------------------------ checkpoints, resume and divergence
+    def _run_info(self) -> dict[str, Any]:
+        """``mot_run.json``: what the run is; the fields in ``checkpointing.IDENTITY_FIELDS`` must match on resume."""
+        lora = self._lora_settings
+        shape = (
+            "r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+            "exclude_modules",
+        )  # fmt: skip
+        return {
+            "base_model": self.base_model_id,
+            "teachers": self.teacher_names,
+            "teacher_rows": self._teacher_rows,
+            "teacher_weights": self.teacher_weights,
+            "teacher_datasets": self.teacher_datasets,
+            "num_rounds": self.args.num_rounds,
+            "steps_per_branch": self.args.max_steps,
+            "lora": {key: lora.get(key) for key in shape},
+            "lora_config": lora,
+            "merge_max_rank": self.args.merge_max_rank,
+            "seed": self.args.seed,
+        }
+
+    def _start_run(self, resume: bool | str | os.PathLike | None) -> list[dict[str, Any]]:
+        """Check the output folder, then start a new run in it or restore the one it holds; return past rounds."""
+        resume = self.args.resume_from_checkpoint if resume is None else resume
+        if isinstance(resume, str) and resume.lower() in ("true", "false", ""):
+            resume = resume.lower() == "true"
+        if resume and not isinstance(resume, bool):  # a folder: the run to continue, and where it goes on
+            self.run = RunFolder(resume)
+            self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
+            if not self.run.has_run():
+                raise ValueError(f"resume_from_checkpoint={str(resume)!r}: no MoT run found in that folder.")
+        info, main_process = self._run_info(), self.dist.is_main
+        self.run.check_writable()
+        self._resume = ResumePoint()
+        if resume and self.run.has_run():
+            self.run.check_identity(info)
+            self._restore(self.run.resume_point(self.teacher_names))
+        elif self.run.has_run() and not self.args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {str(self.run.root)!r} already holds a MoT run. Resume it with "
+                "trainer.train(resume_from_checkpoint=True) (`mot train --resume`), choose another output_dir, or "
+                "set overwrite_output_dir=True to replace it."
+            )
+        elif main_process:
+            self.run.clear()
+        if main_process:
+            rank = max([self.peft_config.r, *(self.peft_config.rank_pattern or {}).values()])
+            rounds_left = range(self._resume.rounds_done + 1, self.args.num_rounds + 1)
+            sizes = checkpoint_bytes(
+                self._layer_dims, rank, len(self.teacher_names), rounds_left, self.args.merge_max_rank
+            )
+            if sizes:
+                self.run.check_free_space(sizes[0], sum(sizes))
+            self.run.write_run(info)
+        return [r for r in self.metrics.read() if r["type"] == "round" and r["round"] <= self._resume.rounds_done]
+
+    def _restore(self, point: ResumePoint) -> None:
+        """Rebuild the student after the completed rounds, and the finished branches of the next round, from disk."""
+        if self.dist.is_main:
+            self.run.remove_partial()
+        if isinstance(self.model, PeftModel):  # this trainer failed before: drop the branch it left attached
+            for name in [n for n in self.model.peft_config if n != adapters.MERGED_ADAPTER]:
+                adapters.remove_adapter(self.model, name)
+        self.merged = self.run.read_merged(point.rounds_done) if point.rounds_done else None
+        if self.merged is not None:
+            self.model = adapters.install_merged(
+                self.model, self.merged, self.base_model_id, task_type=self.peft_config.task_type
+            )
+        next_round = point.rounds_done + 1
+        self._restored = {t: self.run.read_branch(next_round, t) for t in point.branches_done}
+        self._restored.update({t: None for t in point.branches_dropped})
+        self._resume = point
+        logger.info(
+            "Resuming MoT after %d rounds; round %d has %d branches done.", point.rounds_done, next_round,
+            len(self._restored),
+        )  # fmt: skip
+        self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+
+    def _diverged(self, error: BranchDivergedError) -> None:
+        """A branch's loss became NaN/inf: stop the run, or (on_branch_divergence='drop') record it left out."""
+        if self.args.on_branch_divergence != "drop":
+            raise error
+        logger.warning("%s Dropping it from round %d's merge (on_branch_divergence='drop').", error, error.round)
+        record = {"type": "dropped_branch", "round": error.round, "teacher": error.teacher, "step": error.step}
+        record["reason"] = str(error)
+        if self.dist.is_main:
+            write_json_atomic(self.run.dropped_path(error.round, error.teacher), record)
+        self.metrics.write(record)
+        return None
+
+    def _merge_inputs(
+        self, round_idx: int, branch_deltas: Mapping[str, dict[str, LowRankDelta] | None]
+    ) -> tuple[list[str], list[dict[str, LowRankDelta]], list[float]]:
+        """The branches to merge in teacher order with their weights, renormalised if a diverged one was dropped."""
+        kept = [
+            (t, branch_deltas[t], w)
+            for t, w in zip(self.teacher_names, self.teacher_weights)
+            if branch_deltas[t] is not None
+        ]
+        total = sum(w for _, _, w in kept)
+        if not kept or total <= 0:
+            raise RuntimeError(
+                f"Every branch of round {round_idx} with a non-zero weight diverged and was dropped; nothing is left "
+                "to merge. Lower the learning rate and resume with trainer.train(resume_from_checkpoint=True)."
+            )
+        scale = 1.0 if len(kept) == len(self.teacher_names) else 1.0 / total
+        return [t for t, _, _ in kept], [d for _, d, _ in kept], [w * scale for _, _, w in kept]
 
     # ------------------------------------------------------------------ export and sharing (export.py, hub.py)
     def save_adapter(self, path: str | os.PathLike, rank: int | None = None, base_model_id: str | None = None) -> dict:

@@ -7,6 +7,9 @@ name and an optional weight. Each teacher is its own branch: the data sets are n
 TRL's ``datasets:`` and ``dataset_name`` are refused with a pointer to ``teachers:``. Flags override the YAML::
 
     mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
+
+After a crash, ``mot train --config ... --resume`` continues the run in ``output_dir`` after its last completed
+branch (``--resume_from_checkpoint true`` does the same).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class MoTScriptArguments(ScriptArguments):
     )
     datasets: list[Any] | None = field(
         default=None, metadata={"help": "Not used by MoT (TRL's data mixture): list the data sets under teachers:."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the run in output_dir after its last completed branch (same configuration)."},
     )
 
     def __post_init__(self):
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_dataset=eval_dataset,
     )
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if script_args.resume else None)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"MoT finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
     trainer.end()

@@ -1,0 +1,69 @@
+"""Checks that stop a run before it wastes work: a diverging branch, and an output disk too small for the run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+
+
+class BranchDivergedError(RuntimeError):
+    """A branch's loss (seen through its gradients) or its weights stopped being finite."""
+
+    def __init__(self, teacher: str, round_idx: int, step: int, what: str):
+        self.teacher, self.round, self.step = teacher, round_idx, step
+        super().__init__(
+            f"The branch of teacher {teacher!r} diverged in round {round_idx} at step {step}: {what}. Every completed "
+            "round and branch is saved; lower the learning rate (or fix that teacher's data) and resume with "
+            "trainer.train(resume_from_checkpoint=True) or `mot train --resume`, or set "
+            "MoTConfig(on_branch_divergence='drop') to leave such a branch out of the merge."
+        )
+
+
+class DivergenceGuard(TrainerCallback):
+    """Raises :class:`BranchDivergedError` at the step where a branch's loss turns NaN or inf.
+
+    A non-finite loss gives non-finite gradients, which are checked before the optimizer step (so the adapter
+    is never updated with them); the trainable weights are checked after each step as well, which catches an
+    optimizer update that overflows. The logged loss cannot be used: the Trainer replaces NaN losses in its logs
+    (``logging_nan_inf_filter``).
+    """
+
+    def __init__(self, teacher: str, round_idx: int):
+        self.teacher, self.round = teacher, round_idx
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        self._check(grads, state.global_step + 1, "its loss or gradients became {kind} (gradient of {name})")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        self._check(weights, state.global_step, "the optimizer update made adapter weight {name} {kind}")
+
+    def _check(self, tensors: dict[str, torch.Tensor], step: int, what: str) -> None:
+        if not tensors:
+            return
+        finite = torch.stack([t.isfinite().all() for t in tensors.values()])
+        if not bool(finite.all()):
+            name = list(tensors)[int((~finite).nonzero()[0])]
+            kind = "NaN" if bool(tensors[name].isnan().any()) else "inf"
+            raise BranchDivergedError(self.teacher, self.round, step, what.format(name=name, kind=kind))
+
+
+def checkpoint_bytes(
+    layer_dims: Sequence[tuple[int, int]],
+    rank: int,
+    n_teachers: int,
+    rounds: range,
+    merge_max_rank: int | None = None,
+) -> list[int]:
+    """Bytes each round in ``rounds`` writes: its fp32 branch adapters and the merged adapter after it.
+
+    The merged delta after round t has rank at most ``t * n_teachers * rank`` (and at most the layer size or the
+    rank budget); it is saved padded to its largest rank in every layer.
+    """
+    width = sum(d_in + d_out for d_in, d_out in layer_dims)
+    full = max(min(d_in, d_out) for d_in, d_out in layer_dims)
+    cap = min(full, merge_max_rank or full)
+    return [4 * width * (n_teachers * rank + min(t * n_teachers * rank, cap)) for t in rounds]
