@@ -51,6 +51,12 @@ def test_mot_train_from_yaml_with_flag_override(qwen3_dir, tmp_path):
     assert sorted(run["lora"]["target_modules"]) == ["q_proj", "v_proj"] and run["lora"]["r"] == 4
     assert (tmp_path / "out" / "round-001" / "branch-style1" / "adapter_model.safetensors").exists()
 
+    # One target module on the command line arrives as a bare string; it still means that module, not a regex.
+    out = str(tmp_path / "one-target")
+    assert main(["train", "--config", str(cfg), "--lora_target_modules", "q_proj", "--output_dir", out]) == 0
+    run = json.loads((tmp_path / "one-target" / "mot_run.json").read_text())
+    assert run["lora"]["target_modules"] == ["q_proj"]
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if weights and training_args.teacher_weights is None:
         training_args.teacher_weights = weights
     model_args.use_peft = True  # MoT branches are LoRA adapters
+    if isinstance(model_args.lora_target_modules, str) and model_args.lora_target_modules != "all-linear":
+        # a one-item YAML list or flag arrives as a bare string, which PEFT would read as a regex on full names
+        model_args.lora_target_modules = [model_args.lora_target_modules]
     peft_config = get_peft_config(model_args) or LoraConfig(**DEFAULT_LORA)
     eval_dataset = load_spec(DatasetConfig(**script_args.eval_dataset)) if script_args.eval_dataset else None
     trainer = MoTTrainer(
