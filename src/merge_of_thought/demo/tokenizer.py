@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 
@@ -31,6 +31,7 @@ CHARACTERS = (
 # Minimal chat template: "role: content" lines, the assistant turn closed by the EOS token. The `generation`
 # block makes `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`) work.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "{{ 'assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
@@ -47,8 +48,8 @@ def build_char_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast
 
     Every character of [`CHARACTERS`] is one token; anything else maps to ``<|unk|>``. Special tokens come first
     (``<|pad|>`` = 0, ``<|endoftext|>`` = 1 is both EOS and the chat end-of-turn, ``<|startoftext|>`` = 2 is a BOS
-    token that is *not* added automatically, ``<|unk|>`` = 3). Padding side defaults to ``"right"`` (training);
-    switch it to ``"left"`` for batched generation.
+    token prepended when ``add_special_tokens=True`` (and by the chat template), ``<|unk|>`` = 3). Padding side
+    defaults to ``"right"`` (training); switch it to ``"left"`` for batched generation.
 
     Args:
         model_max_length: Maximum sequence length stored in the tokenizer config.
@@ -61,6 +62,11 @@ def build_char_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast
     # Split into single characters ("[\s\S]" also matches newlines); keep every character, spaces included.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    # Like Llama-style tokenizers, prepend BOS when `add_special_tokens=True` (the demo student was pre-trained so).
+    bos_id = vocab[BOS_TOKEN]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B:1", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,

@@ -1,0 +1,224 @@
+"""Synthetic reasoning task for the embedded demo: two-digit addition with chain-of-thought teachers.
+
+Every problem is ``a+b`` with ``10 <= a, b <= 99``. The prompt is ``"47+25=?\\n"`` and every teacher ends its trace
+with the shared final-answer line ``"#### 72"``. The four synthetic teachers reach that answer along different
+reasoning paths, with different lengths and verbosity:
+
+- ``"column"``: terse column addition, ones first (``7+5=12`` / ``4+2+1=7``).
+- ``"verbose"``: the same algorithm spelled out in words (``ones 7+5=12, carry 1`` / ``tens 4+2+1=7`` / ``so 72``).
+- ``"split"``: place-value decomposition, tens first (``40+20=60`` / ``7+5=12`` / ``60+12=72``).
+- ``"noisy"``: column style, but a fraction of its traces contain a wrong step (a dropped carry or an off-by-one
+  digit fact) that propagates to a wrong final answer.
+
+Each step of every trace is a single-digit fact, a carry fact or a round-tens fact, i.e. exactly the primitives that
+the demo student learns in pre-training (see [`~merge_of_thought.demo.student.pretraining_corpus`]); the student has
+never seen multi-digit addition nor the ``####`` answer format before distillation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+
+
+ANSWER_PREFIX = "#### "
+TEACHERS: tuple[str, ...] = ("column", "verbose", "split", "noisy")
+DEFAULT_NOISE_RATE = 0.4
+_ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+_NUMBER_RE = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One addition problem ``a + b``."""
+
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}+{self.b}=?\n"
+
+
+def _all_problems() -> list[Problem]:
+    return [Problem(a, b) for a in range(10, 100) for b in range(10, 100)]
+
+
+def make_problems(n: int, seed: int = 0, split: str = "train", eval_size: int = 500) -> list[Problem]:
+    """Sample ``n`` distinct problems from a fixed train / held-out partition.
+
+    All 8100 problems are shuffled once with a fixed seed; the first ``eval_size`` form the held-out pool and the rest
+    the training pool, so held-out prompts never appear in training data whatever ``n`` and ``seed`` are.
+
+    Args:
+        n: Number of problems to return.
+        seed: Seed for sampling within the pool.
+        split: ``"train"`` or ``"test"`` (held-out).
+        eval_size: Size of the held-out pool (must be the same for train and test calls).
+
+    Returns:
+        A list of ``n`` distinct [`Problem`]s.
+    """
+    pool = _all_problems()
+    random.Random(1234).shuffle(pool)
+    if split == "test":
+        pool = pool[:eval_size]
+    elif split == "train":
+        pool = pool[eval_size:]
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n > len(pool):
+        raise ValueError(f"Requested {n} problems but the {split} pool only has {len(pool)}.")
+    return random.Random(seed).sample(pool, n)
+
+
+def _column(a: int, b: int, *, verbose: bool, rng: random.Random | None = None, noise_rate: float = 0.0) -> str:
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    ones = a0 + b0
+    carry = ones // 10
+    # Noisy teacher: sometimes forgets the carry, sometimes gets a single-digit fact wrong by one.
+    error = None
+    if rng is not None and rng.random() < noise_rate:
+        error = "drop_carry" if carry and rng.random() < 0.5 else "off_by_one"
+    if error == "off_by_one":
+        ones += rng.choice([-1, 1]) if ones > 0 else 1
+        carry = ones // 10
+    tens = a1 + b1 + (carry if error != "drop_carry" else 0)
+    result = tens * 10 + ones % 10
+    tens_expr = f"{a1}+{b1}+1" if carry and error != "drop_carry" else f"{a1}+{b1}"
+    if verbose:
+        ones_line = f"ones {a0}+{b0}={ones}" + (", carry 1" if carry else "")
+        return f"{ones_line}\ntens {tens_expr}={tens}\nso {result}\n{ANSWER_PREFIX}{result}"
+    return f"{a0}+{b0}={ones}\n{tens_expr}={tens}\n{ANSWER_PREFIX}{result}"
+
+
+def _split(a: int, b: int) -> str:
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    tens, ones = (a1 + b1) * 10, a0 + b0
+    return f"{a1}0+{b1}0={tens}\n{a0}+{b0}={ones}\n{tens}+{ones}={a + b}\n{ANSWER_PREFIX}{a + b}"
+
+
+def teacher_trace(
+    teacher: str, problem: Problem, rng: random.Random | None = None, noise_rate: float = DEFAULT_NOISE_RATE
+) -> str:
+    """Chain-of-thought completion written by ``teacher`` for ``problem`` (ends with ``"#### <answer>"``)."""
+    a, b = problem.a, problem.b
+    if teacher == "column":
+        return _column(a, b, verbose=False)
+    if teacher == "verbose":
+        return _column(a, b, verbose=True)
+    if teacher == "split":
+        return _split(a, b)
+    if teacher == "noisy":
+        return _column(a, b, verbose=False, rng=rng or random.Random(0), noise_rate=noise_rate)
+    raise ValueError(f"Unknown teacher {teacher!r}; choose from {TEACHERS}.")
+
+
+def make_teacher_dataset(
+    teacher: str,
+    problems: Sequence[Problem],
+    seed: int = 0,
+    noise_rate: float = DEFAULT_NOISE_RATE,
+    conversational: bool = False,
+) -> Dataset:
+    """Distillation data of one teacher in TRL prompt-completion format.
+
+    Args:
+        teacher: One of [`TEACHERS`].
+        problems: Prompts to answer (all teachers share them).
+        seed: Seed for the noisy teacher's mistakes.
+        noise_rate: Fraction of the noisy teacher's traces that contain a wrong step.
+        conversational: If ``True``, ``prompt`` / ``completion`` are lists of chat messages instead of strings.
+
+    Returns:
+        A [`~datasets.Dataset`] with columns ``"prompt"`` and ``"completion"``.
+    """
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for problem in problems:
+        trace = teacher_trace(teacher, problem, rng=rng, noise_rate=noise_rate)
+        if conversational:
+            prompts.append([{"role": "user", "content": problem.prompt.strip()}])
+            completions.append([{"role": "assistant", "content": trace}])
+        else:
+            prompts.append(problem.prompt)
+            completions.append(trace)
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def make_teacher_datasets(
+    problems: Sequence[Problem], teachers: Sequence[str] = TEACHERS, seed: int = 0, **kwargs
+) -> dict[str, Dataset]:
+    """One prompt-completion dataset per teacher, all on the same prompts."""
+    return {t: make_teacher_dataset(t, problems, seed=seed, **kwargs) for t in teachers}
+
+
+def extract_answer(text: str, strict: bool = True) -> int | None:
+    """Final answer of a completion: the number after the first ``"####"``.
+
+    With ``strict=False``, falls back to the last integer in the text when there is no ``"####"`` line.
+    """
+    match = _ANSWER_RE.search(text)
+    if match:
+        return int(match.group(1))
+    if not strict:
+        numbers = _NUMBER_RE.findall(text)
+        return int(numbers[-1]) if numbers else None
+    return None
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64
+) -> list[str]:
+    """Greedy, batched, left-padded generation; returns the decoded completions (special tokens dropped)."""
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def accuracy(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    batch_size: int = 128,
+    max_new_tokens: int = 64,
+    strict: bool = True,
+    return_completions: bool = False,
+) -> float | tuple[float, list[str]]:
+    """Exact-match accuracy of the model's greedy final answers (``"#### <n>"``) on ``problems``."""
+    completions = generate_completions(
+        model, tokenizer, [p.prompt for p in problems], batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    correct = sum(extract_answer(c, strict=strict) == p.answer for c, p in zip(completions, problems))
+    acc = correct / max(len(problems), 1)
+    return (acc, completions) if return_completions else acc
