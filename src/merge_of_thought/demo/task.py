@@ -1,12 +1,14 @@
-"""Synthetic reasoning task for the embedded demo: two-digit addition with chain-of-thought teachers.
+"""Synthetic reasoning task for the embedded demo: addition with chain-of-thought teachers.
 
-Every problem is ``a+b`` with ``10 <= a, b <= 99``. The prompt is ``"47+25=?\\n"`` and every teacher ends its trace
+Every problem is ``a+b`` with two-digit operands (``10 <= a, b <= 99``, the harder task) or single digits
+(``digits=1``, what ``mot demo`` distils in about a minute). The prompt is ``"47+25=?\\n"`` and every teacher ends its trace
 with the shared final-answer line ``"#### 72"``. The four synthetic teachers reach that answer along different
 reasoning paths, with different lengths and verbosity:
 
 - ``"column"``: terse column addition, ones first (``7+5=12`` / ``4+2+1=7``).
 - ``"verbose"``: the same algorithm spelled out in words (``ones 7+5=12, carry 1`` / ``tens 4+2+1=7`` / ``so 72``).
-- ``"split"``: place-value decomposition, tens first (``40+20=60`` / ``7+5=12`` / ``60+12=72``).
+- ``"split"``: place-value decomposition, tens first (``40+20=60`` / ``7+5=12`` / ``60+12=72``); single digits have
+  nothing to split, so it names the operands first (``add 7 and 5`` / ``7+5=12``).
 - ``"noisy"``: column style, but a fraction of its traces contain a wrong step (a dropped carry or an off-by-one
   digit fact) that propagates to a wrong final answer.
 
@@ -49,26 +51,32 @@ class Problem:
         return f"{self.a}+{self.b}=?\n"
 
 
-def _all_problems() -> list[Problem]:
-    return [Problem(a, b) for a in range(10, 100) for b in range(10, 100)]
+def _all_problems(digits: int) -> list[Problem]:
+    low, high = {1: (0, 10), 2: (10, 100)}[digits]
+    return [Problem(a, b) for a in range(low, high) for b in range(low, high)]
 
 
-def make_problems(n: int, seed: int = 0, split: str = "train", eval_size: int = 500) -> list[Problem]:
+def make_problems(
+    n: int, seed: int = 0, split: str = "train", eval_size: int = 500, digits: int = 2
+) -> list[Problem]:
     """Sample ``n`` distinct problems from a fixed train / held-out partition.
 
-    All 8100 problems are shuffled once with a fixed seed; the first ``eval_size`` form the held-out pool and the rest
-    the training pool, so held-out prompts never appear in training data whatever ``n`` and ``seed`` are.
+    All problems (8100 with two-digit operands, 100 with one digit) are shuffled once with a fixed seed; the first
+    ``eval_size`` form the held-out pool and the rest the training pool, so held-out prompts never appear in training
+    data whatever ``n`` and ``seed`` are.
 
     Args:
         n: Number of problems to return.
         seed: Seed for sampling within the pool.
         split: ``"train"`` or ``"test"`` (held-out).
         eval_size: Size of the held-out pool (must be the same for train and test calls).
+        digits: 2 for two-digit operands (10..99, the harder task), 1 for single digits (0..9, what ``mot demo``
+            distils in its few minutes).
 
     Returns:
         A list of ``n`` distinct [`Problem`]s.
     """
-    pool = _all_problems()
+    pool = _all_problems(digits)
     random.Random(1234).shuffle(pool)
     if split == "test":
         pool = pool[:eval_size]
@@ -88,12 +96,18 @@ def _column(a: int, b: int, *, verbose: bool, rng: random.Random | None = None, 
     # Noisy teacher: sometimes forgets the carry, sometimes gets a single-digit fact wrong by one.
     error = None
     if rng is not None and rng.random() < noise_rate:
-        error = "drop_carry" if carry and rng.random() < 0.5 else "off_by_one"
+        two_digit = a >= 10 or b >= 10  # a single-digit sum has no carry to drop
+        error = "drop_carry" if carry and two_digit and rng.random() < 0.5 else "off_by_one"
     if error == "off_by_one":
         ones += rng.choice([-1, 1]) if ones > 0 else 1
         carry = ones // 10
     tens = a1 + b1 + (carry if error != "drop_carry" else 0)
     result = tens * 10 + ones % 10
+    if a < 10 and b < 10:  # single digits: the ones step is the whole computation
+        result = ones
+        return f"ones {a0}+{b0}={ones}\nso {result}\n{ANSWER_PREFIX}{result}" if verbose else (
+            f"{a0}+{b0}={ones}\n{ANSWER_PREFIX}{result}"
+        )
     tens_expr = f"{a1}+{b1}+1" if carry and error != "drop_carry" else f"{a1}+{b1}"
     if verbose:
         ones_line = f"ones {a0}+{b0}={ones}" + (", carry 1" if carry else "")
@@ -102,6 +116,8 @@ def _column(a: int, b: int, *, verbose: bool, rng: random.Random | None = None, 
 
 
 def _split(a: int, b: int) -> str:
+    if a < 10 and b < 10:  # nothing to split: it names the operands first
+        return f"add {a} and {b}\n{a}+{b}={a + b}\n{ANSWER_PREFIX}{a + b}"
     a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
     tens, ones = (a1 + b1) * 10, a0 + b0
     return f"{a1}0+{b1}0={tens}\n{a0}+{b0}={ones}\n{tens}+{ones}={a + b}\n{ANSWER_PREFIX}{a + b}"
