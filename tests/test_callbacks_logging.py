@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from datasets import Dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import TrainerCallback
 

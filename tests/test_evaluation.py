@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 

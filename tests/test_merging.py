@@ -47,7 +47,9 @@ def test_merge_round_accumulates_rounds_exactly():
     current = None
     dense = {name: torch.zeros(48, 40) for name in layers}
     for round_idx in range(3):
-        branches = [{n: random_delta(seed=100 * round_idx + 10 * k + i) for i, n in enumerate(layers)} for k in range(3)]
+        branches = [
+            {n: random_delta(seed=100 * round_idx + 10 * k + i) for i, n in enumerate(layers)} for k in range(3)
+        ]
         weights = [0.5, 0.3, 0.2]
         current, reports = merge_round(current, branches, weights)
         for name in layers:

@@ -114,7 +114,6 @@ def main() -> None:
     size, steps = ("tiny", min(args.steps, 5)) if args.quick else ("70m", args.steps)
     model_dir = build_student(Path(tempfile.gettempdir()) / f"mot-bench-{size}", size)
     shape = dict(rounds=args.rounds, teachers=args.teachers, steps=steps, batch=args.batch)
-    results = {"size": size, "shape": shape, "machine": machine(), "command": "python " + " ".join(sys.argv)}
     for precision in args.precisions.split(","):
         # plain, mot, mot, plain: each mode once early and once late, to cancel slow drift of the machine
         runs = {"plain": [], "mot": []}
@@ -123,37 +122,38 @@ def main() -> None:
             print(precision, mode, runs[mode][-1], flush=True)
         plain_wall = mean(r["wall_seconds"] for r in runs["plain"])
         mot_wall = mean(r["wall_seconds"] for r in runs["mot"])
-        by_round = runs["mot"][0]["median_step_seconds_by_round"]
-        results[precision] = {
+        by_round = [r["median_step_seconds_by_round"] for r in runs["mot"]]
+        record = {
+            "size": size, "shape": shape, "machine": machine(), "command": "python " + " ".join(sys.argv),
             "runs": runs,
             "wall_ratio": mot_wall / plain_wall,
             "peak_rss_ratio": mean(r["peak_rss_mb"] for r in runs["mot"])
             / mean(r["peak_rss_mb"] for r in runs["plain"]),
             "mot_overhead_share": mean(1 - r["step_seconds_total"] / r["wall_seconds"] for r in runs["mot"]),
             "plain_overhead_share": mean(1 - r["step_seconds_total"] / r["wall_seconds"] for r in runs["plain"]),
-            "last_round_step_ratio": by_round[f"round{args.rounds}"] / by_round["round1"],
+            "last_round_step_ratio": mean(b[f"round{args.rounds}"] / b["round1"] for b in by_round),
         }
-    update_results("overhead_quick" if args.quick else "overhead", results)
+        update_results(f"overhead_{precision}" + ("_quick" if args.quick else ""), record)
     write_markdown()
 
 
 def write_markdown() -> None:
     results = json.loads((RESULTS / "perf.json").read_text())
-    lines = ["# Performance: MoT against plain TRL SFT", ""]
-    for name, record in results.items():
-        if not name.startswith("overhead"):
-            continue
-        lines += [f"## {name}: {record['size']} Qwen3, {record['shape']}", "", f"Command: `{record['command']}`", "",
-                  "| precision | wall MoT/plain | peak RSS MoT/plain | step time last round/round 1 | "
-                  "MoT time outside steps | plain time outside steps |", "|---|---|---|---|---|---|"]
-        for precision in ("fp32", "nf4"):
-            if precision in record:
-                r = record[precision]
-                lines.append(f"| {precision} | {r['wall_ratio']:.3f} | {r['peak_rss_ratio']:.3f} | "
-                             f"{r['last_round_step_ratio']:.3f} | {r['mot_overhead_share']:.1%} | "
-                             f"{r['plain_overhead_share']:.1%} |")
-        lines.append("")
-    for name, record in results.items():
+    lines = ["# Performance: MoT against plain TRL SFT", "",
+             "Ratios of one MoT run (T rounds x K branches x S steps) to one plain SFTTrainer run of T*K*S steps, each "
+             "in its own process, run side by side (plain, MoT, MoT, plain) on the same machine.", "",
+             "| run | model, shape | wall MoT/plain | peak RSS MoT/plain | step time last round/round 1 | "
+             "MoT time outside steps | plain time outside steps |", "|---|---|---|---|---|---|---|"]
+    for name, r in sorted(results.items()):
+        if name.startswith("overhead"):
+            shape = r["shape"]
+            lines.append(f"| {name} | {r['size']} Qwen3, T={shape['rounds']} K={shape['teachers']} S={shape['steps']} "
+                         f"batch {shape['batch']} | {r['wall_ratio']:.3f} | {r['peak_rss_ratio']:.3f} | "
+                         f"{r['last_round_step_ratio']:.3f} | {r['mot_overhead_share']:.1%} | "
+                         f"{r['plain_overhead_share']:.1%} |")
+    lines += ["", "Commands: " + ", ".join(sorted({f"`{r['command']}`" for n, r in results.items()
+                                                   if n.startswith("overhead")})), ""]
+    for name, record in sorted(results.items()):
         if name.startswith("merge"):
             lines += record.get("markdown", [])
     (RESULTS / "perf.md").write_text("\n".join(lines) + "\n")

@@ -64,7 +64,9 @@ def validate_teachers(
             )
 
 
-def normalized_weights(teacher_names: Sequence[str], weights: Mapping[str, float] | Sequence[float] | None) -> list[float]:
+def normalized_weights(
+    teacher_names: Sequence[str], weights: Mapping[str, float] | Sequence[float] | None
+) -> list[float]:
     """Per-teacher merge weights in teacher order: uniform by default, else exactly the user's (summing to 1)."""
     if weights is None:
         return [1.0 / len(teacher_names)] * len(teacher_names)

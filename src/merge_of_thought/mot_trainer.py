@@ -132,12 +132,12 @@ class MoTTrainer:
         self.data_collator = data_collator
         self.callbacks, mot_callbacks = split_callbacks(callbacks)
         self.logging_dir = logging_root(self.args)
-        self.fire = MoTCallbackHandler([RoundReporter(self.args, self.logging_dir / "mot", self.dist.is_main), *mot_callbacks])
+        reporter = RoundReporter(self.args, self.logging_dir / "mot", self.dist.is_main)
+        self.fire = MoTCallbackHandler([reporter, *mot_callbacks])
         self.should_stop = False  # a MoTCallback may set it: the run ends after the current round
         self.formatting_func = formatting_func
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.merged: dict[str, LowRankDelta] | None = None
-        self.run = RunFolder(self.args.output_dir)
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
         self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place

@@ -1,8 +1,8 @@
 """Synthetic reasoning task for the embedded demo: addition with chain-of-thought teachers.
 
 Every problem is ``a+b`` with two-digit operands (``10 <= a, b <= 99``, the harder task) or single digits
-(``digits=1``, what ``mot demo`` distils in about a minute). The prompt is ``"47+25=?\\n"`` and every teacher ends its trace
-with the shared final-answer line ``"#### 72"``. The four synthetic teachers reach that answer along different
+(``digits=1``, what ``mot demo`` distils in about a minute). The prompt is ``"47+25=?\\n"`` and every teacher ends
+its trace with the shared final-answer line ``"#### 72"``. The four synthetic teachers reach that answer along different
 reasoning paths, with different lengths and verbosity:
 
 - ``"column"``: terse column addition, ones first (``7+5=12`` / ``4+2+1=7``).

@@ -11,7 +11,6 @@ Reads ``mot_run.json``, the last completed round's ``merged/`` adapter and ``met
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..export import FinishedRun, export_run
 from ..hub import push_folder
