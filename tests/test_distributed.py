@@ -27,11 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, model_dir: str, output_dir: Path, result: Path) -> None:
+def run_torchrun(nproc: int, model_dir: str, output_dir: Path, result: Path, *extra: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command += [str(TESTS / "distributed_worker.py"), model_dir, str(output_dir), str(result)]
+    command += [str(TESTS / "distributed_worker.py"), model_dir, str(output_dir), str(result), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
@@ -80,6 +80,24 @@ def test_two_processes_reproduce_the_single_process_run(qwen3_dir, tmp_path):
         assert key(got) == key(expected)
         if got["type"] == "branch":
             assert got["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
+
+
+def test_distributed_resume_matches_the_uninterrupted_run(qwen3_dir, tmp_path):
+    """Two processes stop after round 1; two processes resume for round 2: the single-process 2-round student."""
+    run_torchrun(2, qwen3_dir, tmp_path / "two", tmp_path / "r1.json", "1")
+    assert RunFolder(tmp_path / "two").completed_rounds() == [1]
+    run_torchrun(2, qwen3_dir, tmp_path / "two", tmp_path / "r2.json", "2", "resume")
+    processes = json.loads((tmp_path / "r2.json").read_text())["processes"]
+    assert processes[0]["merged_hash"] == processes[1]["merged_hash"]
+    build(qwen3_dir, str(tmp_path / "one")).train()
+    got = dense_adapter(tmp_path / "two" / "round-002" / "merged")
+    expected = dense_adapter(tmp_path / "one" / "round-002" / "merged")
+    assert max((got[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records].count("resume") == 1
+    assert sorted((r["round"], r["teacher"]) for r in records if r["type"] == "branch") == [
+        (t, f"teacher{k}") for t in (1, 2) for k in range(3)
+    ]
 
 
 def test_launcher_env_is_hidden_from_transformers(monkeypatch, tmp_path):

@@ -415,15 +415,18 @@ class MoTTrainer:
         info, main_process = self._run_info(), self.dist.is_main
         self.run.check_writable()
         self._resume = ResumePoint()
-        if resume and self.run.has_run():
+        restore = bool(resume) and self.run.has_run()
+        if restore:
             self.run.check_identity(info)
-            self._restore(self.run.resume_point(self.teacher_names))
         elif self.run.has_run() and not self.args.overwrite_output_dir:
             raise ValueError(
                 f"output_dir {str(self.run.root)!r} already holds a MoT run. Resume it with "
                 "trainer.train(resume_from_checkpoint=True) (`mot train --resume`), choose another output_dir, or "
                 "set overwrite_output_dir=True to replace it."
             )
+        self.dist.barrier()  # every process has read the folder before process 0 changes it
+        if restore:
+            self._restore(self.run.resume_point(self.teacher_names))
         elif main_process:
             self.run.clear()
         if main_process:
@@ -435,6 +438,7 @@ class MoTTrainer:
             if sizes:
                 self.run.check_free_space(sizes[0], sum(sizes))
             self.run.write_run(info)
+        self.dist.barrier()  # the folder is ready (cleared or restored) on every process
         return [r for r in self.metrics.read() if r["type"] == "round" and r["round"] <= self._resume.rounds_done]
 
     def _restore(self, point: ResumePoint) -> None:
