@@ -41,8 +41,28 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class RssSampler:
+    """Highest resident memory seen while the block runs (sampled every 2 ms), for the peak *extra* memory of a step
+    that starts when the process has already been larger (ru_maxrss only knows the whole process's peak)."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+        self.extra = self.peak - self.base
 
 
 def branch_deltas(model_dir: str, branches: int, rank: int) -> list[dict[str, LowRankDelta]]:
@@ -81,8 +101,7 @@ def worker(method: str, model_dir: str, branches: int, rank: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=NF4)
     before = effective(model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=NF4)
-    base_rss, base_peak = rss_mb(), peak_mb()
-    with Timer() as timer:
+    with RssSampler() as memory, Timer() as timer:
         if method == "mot":
             peft_model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=rank), adapter_name="unused")
             merged, _ = merge_round(None, deltas, weights)
@@ -103,12 +122,11 @@ def worker(method: str, model_dir: str, branches: int, rank: int) -> dict:
                 folded.save_pretrained(out)
                 del bf16, folded
                 after_model = AutoModelForCausalLM.from_pretrained(out, quantization_config=NF4)
-    extra_peak = max(peak_mb() - base_peak, 0.0) if peak_mb() > base_peak else 0.0
     after = effective(after_model)
     errors = [((after[n] - before[n]) - exact[n]).norm() / exact[n].norm() for n in exact]
     cosines = [torch.nn.functional.cosine_similarity((after[n] - before[n]).flatten(), exact[n].flatten(), dim=0)
                for n in exact]
-    return {"seconds": timer.seconds, "extra_peak_mb": extra_peak, "rss_before_mb": base_rss,
+    return {"seconds": timer.seconds, "extra_peak_mb": memory.extra, "rss_before_mb": memory.base,
             "rel_error_mean": float(torch.stack(errors).mean()), "rel_error_max": float(torch.stack(errors).max()),
             "cosine_mean": float(torch.stack(cosines).mean())}
 

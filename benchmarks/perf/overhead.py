@@ -153,6 +153,8 @@ def write_markdown() -> None:
                          f"{r['plain_overhead_share']:.1%} |")
     lines += ["", "Commands: " + ", ".join(sorted({f"`{r['command']}`" for n, r in results.items()
                                                    if n.startswith("overhead")})), ""]
+    lines += [f"- {name}: {r['note']}" for name, r in sorted(results.items()) if r.get("note")]
+    lines += [""]
     for name, record in sorted(results.items()):
         if name.startswith("merge"):
             lines += record.get("markdown", [])
