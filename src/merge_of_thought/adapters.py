@@ -8,7 +8,6 @@ on top of it. Because the merged state is an ordinary PEFT LoRA adapter, it save
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,11 +148,6 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
     return weight.detach().float()
 
 
-def read_delta(model: PeftModel, adapter: str) -> dict[str, LowRankDelta]:
-    """The fp32 delta ``B @ A * scaling`` of every layer the adapter touches, detached and on the CPU."""
-    return detach_adapter(model, adapter).deltas()
-
-
 @dataclass
 class AdapterWeights:
     """One LoRA adapter detached from the model: what PEFT saves for it, plus each layer's exact scaling.
@@ -259,11 +253,6 @@ def install_merged(
     return model
 
 
-def save_adapter(model: PeftModel, adapter: str, folder: Path, base_model_name_or_path: str | None) -> None:
-    """Write one adapter in PEFT's format (safetensors + adapter_config.json) straight into ``folder``."""
-    detach_adapter(model, adapter).save(folder, base_model_name_or_path)
-
-
 def save_merged(merged: Mapping[str, LowRankDelta], folder: Path, base_model_name_or_path: str | None) -> None:
     """Write the merged state as a PEFT LoRA adapter that applies to the base model the run started from."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -325,7 +314,3 @@ def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:
         if module == pattern or module.endswith("." + pattern):
             alpha = value
     return rank, alpha
-
-
-def read_adapter_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
