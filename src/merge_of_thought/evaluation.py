@@ -106,6 +106,44 @@ def _render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    disable_tqdm: bool = False,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Greedy completions of every prompt (text, or chat messages rendered with ``add_generation_prompt=True``),
+    decoded in left-padded batches with a progress bar; ``generate_kwargs`` go to ``model.generate``."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly
+    generate_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generate_kwargs.setdefault("pad_token_id", pad_id)
+    completions: list[str] = []
+    try:
+        bar = tqdm(total=len(prompts), desc="Generation", unit="sample", leave=False, disable=disable_tqdm)
+        with bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                texts = [_render(tokenizer, p) for p in batch]
+                # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
+                ids = [tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"] for t, p in zip(texts, batch)]
+                inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+                output = model.generate(**inputs, **generate_kwargs)
+                generated = output[:, inputs["input_ids"].shape[1] :]
+                completions += tokenizer.batch_decode(generated, skip_special_tokens=True)
+                bar.update(len(batch))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return completions
+
+
 def generation_accuracy(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -129,40 +167,21 @@ def generation_accuracy(
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers.")
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly
-    generate_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generate_kwargs.setdefault("pad_token_id", pad_id)
+    completions = generate_completions(
+        model, tokenizer, prompts, batch_size, max_new_tokens, disable_tqdm, **generate_kwargs
+    )
     records = []
-    try:
-        bar = tqdm(total=len(prompts), desc="Generation accuracy", unit="sample", leave=False, disable=disable_tqdm)
-        with bar:
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                texts = [_render(tokenizer, p) for p in batch]
-                # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones.
-                ids = [tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"] for t, p in zip(texts, batch)]
-                inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-                output = model.generate(**inputs, **generate_kwargs)
-                generated = output[:, inputs["input_ids"].shape[1] :]
-                completions = tokenizer.batch_decode(generated, skip_special_tokens=True)
-                for prompt, completion, gold in zip(texts, completions, answers[start : start + batch_size]):
-                    predicted = extract_final_answer(completion, pattern)
-                    records.append(
-                        {
-                            "prompt": prompt,
-                            "completion": completion,
-                            "predicted": predicted,
-                            "answer": gold,
-                            "correct": answers_match(predicted, gold, numeric),
-                        }
-                    )
-                bar.update(len(batch))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    for prompt, completion, gold in zip(prompts, completions, answers):
+        predicted = extract_final_answer(completion, pattern)
+        records.append(
+            {
+                "prompt": _render(tokenizer, prompt),
+                "completion": completion,
+                "predicted": predicted,
+                "answer": gold,
+                "correct": answers_match(predicted, gold, numeric),
+            }
+        )
     accuracy = sum(r["correct"] for r in records) / len(records) if records else float("nan")
     return AccuracyResult(accuracy, records)
 

@@ -24,8 +24,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
+
+from ..evaluation import generate_completions as generate_completions_
 
 
 ANSWER_PREFIX = "#### "
@@ -192,34 +193,14 @@ def extract_answer(text: str, strict: bool = True) -> int | None:
     return None
 
 
-@torch.no_grad()
 def generate_completions(
     model, tokenizer, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64
 ) -> list[str]:
-    """Greedy, batched, left-padded generation; returns the decoded completions (special tokens dropped)."""
-    was_training = model.training
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return outputs
+    """Greedy, batched, left-padded completions (special tokens dropped), stopping at the tokenizer's EOS."""
+    return generate_completions_(
+        model, tokenizer, list(prompts), batch_size, max_new_tokens, disable_tqdm=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
 
 
 def accuracy(
