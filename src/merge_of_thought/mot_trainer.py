@@ -412,8 +412,8 @@ class MoTTrainer:
             self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
             if not self.run.has_run():
                 raise ValueError(f"resume_from_checkpoint={str(resume)!r}: no MoT run found in that folder.")
+            self.run.check_writable()  # __init__ checked output_dir; this run goes on in another folder
         info, main_process = self._run_info(), self.dist.is_main
-        self.run.check_writable()
         self._resume = ResumePoint()
         restore = bool(resume) and self.run.has_run()
         if restore:
