@@ -67,6 +67,28 @@ def pretraining_corpus(rng: random.Random) -> str:
     return f"copy {text}: {text}"
 
 
+def pretraining_probes(n: int = 200, seed: int = 4321) -> list[tuple[str, str]]:
+    """``n`` distinct (prompt, expected continuation) pairs cut from corpus lines: ``("7+5=", "12")``,
+    ``("copy 4+1: ", "4+1")``. Scoring the student on them measures what it keeps of its pre-training."""
+    rng = random.Random(seed)
+    probes: dict[str, str] = {}
+    while len(probes) < n:
+        line = pretraining_corpus(rng)
+        cut = line.index(": ") + 2 if line.startswith("copy ") else line.rindex("=") + 1
+        probes.setdefault(line[:cut], line[cut:])
+    return list(probes.items())
+
+
+def pretraining_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, probes=None) -> float:
+    """Fraction of [`pretraining_probes`] whose greedy continuation's first line is exactly the expected text."""
+    from ..evaluation import generate_completions
+
+    probes = probes or pretraining_probes()
+    prompts = [prompt for prompt, _ in probes]
+    completions = generate_completions(model, tokenizer, prompts, batch_size=256, max_new_tokens=12, disable_tqdm=True)
+    return sum(c.split("\n")[0] == expected for c, (_, expected) in zip(completions, probes)) / len(probes)
+
+
 def _pretraining_batch(tokenizer, rng: random.Random, batch_size: int, seq_len: int) -> torch.Tensor:
     rows = []
     for _ in range(batch_size):

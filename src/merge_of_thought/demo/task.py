@@ -19,6 +19,7 @@ never seen multi-digit addition nor the ``####`` answer format before distillati
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -52,9 +53,18 @@ class Problem:
         return f"{self.a}+{self.b}=?\n"
 
 
-def _all_problems(digits: int) -> list[Problem]:
-    low, high = {1: (0, 10), 2: (10, 100)}[digits]
-    return [Problem(a, b) for a in range(low, high) for b in range(low, high)]
+_OPERAND_RANGES = {1: (0, 10), 2: (10, 100), 3: (100, 1000)}
+
+
+@functools.lru_cache(maxsize=4)
+def _shuffled_problems(digits: int) -> tuple[Problem, ...]:
+    """Every problem with ``digits``-digit operands, in one fixed random order (cached: 810000 at three digits)."""
+    if digits not in _OPERAND_RANGES:
+        raise ValueError(f"digits must be one of {sorted(_OPERAND_RANGES)}, got {digits!r}")
+    low, high = _OPERAND_RANGES[digits]
+    pool = [Problem(a, b) for a in range(low, high) for b in range(low, high)]
+    random.Random(1234).shuffle(pool)
+    return tuple(pool)
 
 
 def make_problems(
@@ -62,23 +72,22 @@ def make_problems(
 ) -> list[Problem]:
     """Sample ``n`` distinct problems from a fixed train / held-out partition.
 
-    All problems (8100 with two-digit operands, 100 with one digit) are shuffled once with a fixed seed; the first
-    ``eval_size`` form the held-out pool and the rest the training pool, so held-out prompts never appear in training
-    data whatever ``n`` and ``seed`` are.
+    All problems (100 with one-digit operands, 8100 with two, 810000 with three) are shuffled once with a fixed seed;
+    the first ``eval_size`` form the held-out pool and the rest the training pool, so held-out prompts never appear
+    in training data whatever ``n`` and ``seed`` are.
 
     Args:
         n: Number of problems to return.
         seed: Seed for sampling within the pool.
         split: ``"train"`` or ``"test"`` (held-out).
         eval_size: Size of the held-out pool (must be the same for train and test calls).
-        digits: 2 for two-digit operands (10..99, the harder task), 1 for single digits (0..9, what ``mot demo``
-            distils in its few minutes).
+        digits: Digits per operand: 1 (0..9, what ``mot demo`` distils in its few minutes), 2 (10..99) or 3
+            (100..999, the quality benchmark's task).
 
     Returns:
         A list of ``n`` distinct [`Problem`]s.
     """
-    pool = _all_problems(digits)
-    random.Random(1234).shuffle(pool)
+    pool = _shuffled_problems(digits)
     if split == "test":
         pool = pool[:eval_size]
     elif split == "train":
@@ -90,38 +99,59 @@ def make_problems(
     return random.Random(seed).sample(pool, n)
 
 
+_PLACES = ("ones", "tens", "hundreds", "thousands")
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """The ``width`` decimal digits of ``n``, least significant first."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
 def _column(a: int, b: int, *, verbose: bool, rng: random.Random | None = None, noise_rate: float = 0.0) -> str:
-    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
-    ones = a0 + b0
-    carry = ones // 10
-    # Noisy teacher: sometimes forgets the carry, sometimes gets a single-digit fact wrong by one.
+    """Column addition, ones first: one line per place (``4+2+1=7``), the last place's sum written whole."""
+    width = max(len(str(a)), len(str(b)))
+    a_digits, b_digits = _digits(a, width), _digits(b, width)
+    # Noisy teacher: sometimes gets the ones fact wrong by one, sometimes forgets the first carry.
     error = None
     if rng is not None and rng.random() < noise_rate:
-        two_digit = a >= 10 or b >= 10  # a single-digit sum has no carry to drop
-        error = "drop_carry" if carry and two_digit and rng.random() < 0.5 else "off_by_one"
-    if error == "off_by_one":
-        ones += rng.choice([-1, 1]) if ones > 0 else 1
-        carry = ones // 10
-    tens = a1 + b1 + (carry if error != "drop_carry" else 0)
-    result = tens * 10 + ones % 10
-    if a < 10 and b < 10:  # single digits: the ones step is the whole computation
-        result = ones
-        return f"ones {a0}+{b0}={ones}\nso {result}\n{ANSWER_PREFIX}{result}" if verbose else (
-            f"{a0}+{b0}={ones}\n{ANSWER_PREFIX}{result}"
-        )
-    tens_expr = f"{a1}+{b1}+1" if carry and error != "drop_carry" else f"{a1}+{b1}"
+        has_carry = width > 1 and a_digits[0] + b_digits[0] >= 10  # a single-digit sum has no carry to drop
+        error = "drop_carry" if has_carry and rng.random() < 0.5 else "off_by_one"
+    lines, result, carry = [], 0, 0
+    for place in range(width):
+        total = a_digits[place] + b_digits[place] + carry
+        if place == 0 and error == "off_by_one":
+            total += rng.choice([-1, 1]) if total > 0 else 1
+        expr = f"{a_digits[place]}+{b_digits[place]}" + ("+1" if carry else "")
+        last = place == width - 1
+        carry = total // 10 if not last else 0
+        if place == 0 and error == "drop_carry":
+            carry = 0
+        result += (total if last else total % 10) * 10**place
+        if verbose:
+            lines.append(f"{_PLACES[place]} {expr}={total}" + (", carry 1" if carry else ""))
+        else:
+            lines.append(f"{expr}={total}")
     if verbose:
-        ones_line = f"ones {a0}+{b0}={ones}" + (", carry 1" if carry else "")
-        return f"{ones_line}\ntens {tens_expr}={tens}\nso {result}\n{ANSWER_PREFIX}{result}"
-    return f"{a0}+{b0}={ones}\n{tens_expr}={tens}\n{ANSWER_PREFIX}{result}"
+        lines.append(f"so {result}")
+    return "\n".join(lines + [f"{ANSWER_PREFIX}{result}"])
 
 
 def _split(a: int, b: int) -> str:
+    """Place-value decomposition, largest place first, then a running total (``40+20=60`` / ... / ``60+12=72``)."""
     if a < 10 and b < 10:  # nothing to split: it names the operands first
         return f"add {a} and {b}\n{a}+{b}={a + b}\n{ANSWER_PREFIX}{a + b}"
-    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
-    tens, ones = (a1 + b1) * 10, a0 + b0
-    return f"{a1}0+{b1}0={tens}\n{a0}+{b0}={ones}\n{tens}+{ones}={a + b}\n{ANSWER_PREFIX}{a + b}"
+    width = max(len(str(a)), len(str(b)))
+    a_digits, b_digits = _digits(a, width), _digits(b, width)
+    lines, partials = [], []
+    for place in reversed(range(width)):
+        x, y = a_digits[place] * 10**place, b_digits[place] * 10**place
+        lines.append(f"{x}+{y}={x + y}")
+        partials.append(x + y)
+    running = partials[0]
+    for partial in partials[1:]:
+        lines.append(f"{running}+{partial}={running + partial}")
+        running += partial
+    return "\n".join(lines + [f"{ANSWER_PREFIX}{a + b}"])
 
 
 def teacher_trace(
