@@ -64,6 +64,8 @@ def test_bad_teacher_weights(weights, message, tmp_path):
         ("max_steps", -1, "max_steps must be at least 1"),
         ("merge_max_rank", 0, "merge_max_rank"),
         ("merge_tolerance", 0.01, r"merge_tolerance must be in \[0, 1e-3\]"),
+        ("merge_step_size", 0.0, "merge_step_size must be a positive number"),
+        ("merge_step_size", float("nan"), "merge_step_size must be a positive number"),
         ("on_branch_divergence", "skip", "on_branch_divergence must be 'raise' or 'drop'"),
     ],
 )

@@ -41,10 +41,12 @@ def effective_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_round_equals_exact_weighted_average_of_saved_branches(model_dir, teachers, tmp_path):
-    """Recompute round 2 from disk alone: merged_2 = merged_1 + sum_k w_k * branch_k (non-uniform weights)."""
+@pytest.mark.parametrize("step_size", [1.0, 2.5])
+def test_round_equals_exact_weighted_average_of_saved_branches(model_dir, teachers, tmp_path, step_size):
+    """Recompute round 2 from disk alone: merged_2 = merged_1 + step * sum_k w_k * branch_k (non-uniform weights;
+    step = merge_step_size, 1 in the paper)."""
     weights = {"teacher0": 0.5, "teacher1": 0.3, "teacher2": 0.2}
-    trainer = quick_trainer(model_dir, teachers, tmp_path, teacher_weights=weights)
+    trainer = quick_trainer(model_dir, teachers, tmp_path, teacher_weights=weights, merge_step_size=step_size)
     trainer.train()
     run = Path(tmp_path)
     previous = dense_adapter(run / "round-001" / "merged")
@@ -54,7 +56,7 @@ def test_round_equals_exact_weighted_average_of_saved_branches(model_dir, teache
     for teacher, info in round_record["teachers"].items():
         assert info["weight"] == pytest.approx(weights[teacher])
         for name, delta in dense_adapter(run / "round-002" / info["adapter"]).items():
-            expected[name] += weights[teacher] * delta
+            expected[name] += step_size * weights[teacher] * delta
     saved = dense_adapter(run / "round-002" / "merged")
     live = effective_weights(trainer.model)
     base = {name: base_weight(layer).double() for name, layer in lora_layers(trainer.model).items()}

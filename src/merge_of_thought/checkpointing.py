@@ -50,7 +50,8 @@ _TEMP_MARK = ".tmp-"  # in the names of folders and files still being written; n
 # The fields of mot_run.json that must match for a resumed run to continue the one on disk (anything else, such as
 # the learning rate or num_rounds, may change on resume: e.g. a lower learning rate after a diverged branch).
 IDENTITY_FIELDS = (
-    "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank"
+    "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank",
+    "merge_step_size",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -41,6 +42,10 @@ class MoTConfig(SFTConfig):
         num_rounds (`int`, defaults to `5`): rounds of branch-train-merge.
         teacher_weights (`dict[str, float]`, *optional*): merge weight per teacher name, summing to 1; uniform
             when unset.
+        merge_step_size (`float`, defaults to `1.0`): outer step size: each round adds
+            ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
+            extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
+            ways shrinks the step; see benchmarks/quality/README.md for what it did there).
         merge_max_rank (`int`, *optional*): rank budget of the merged delta per layer. Unset keeps it exact (up to
             `merge_tolerance`); a budget truncates through an SVD of the factors and logs the error it made.
         merge_tolerance (`float`, defaults to `1e-4`): each merge may drop singular directions of the merged delta
@@ -75,6 +80,10 @@ class MoTConfig(SFTConfig):
     teacher_weights: dict[str, float] | str | None = field(
         default=None,
         metadata={"help": "Merge weight per teacher name, summing to 1 (JSON on the command line). Uniform if unset."},
+    )
+    merge_step_size: float = field(
+        default=1.0,
+        metadata={"help": "Each round adds merge_step_size x the weighted average of the branch deltas (1 = paper)."},
     )
     merge_max_rank: int | None = field(
         default=None,
@@ -132,6 +141,8 @@ class MoTConfig(SFTConfig):
                 f"max_steps must be at least 1 (it counts the SFT steps of one branch in one round), got "
                 f"{self.max_steps}."
             )
+        if not (self.merge_step_size > 0 and math.isfinite(self.merge_step_size)):
+            raise ValueError(f"merge_step_size must be a positive number, got {self.merge_step_size}.")
         if self.merge_max_rank is not None and self.merge_max_rank < 1:
             raise ValueError(f"merge_max_rank must be at least 1 or unset, got {self.merge_max_rank}.")
         if not 0 <= self.merge_tolerance <= 1e-3:

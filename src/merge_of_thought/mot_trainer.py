@@ -179,9 +179,8 @@ class MoTTrainer:
             branch_deltas.update(self._gather_branches(round_idx, mine))
             teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
             start = time.perf_counter()
-            self.merged, reports = merge_round(
-                self.merged, deltas, weights, args.merge_max_rank, args.merge_tolerance
-            )
+            steps = [args.merge_step_size * w for w in weights]  # 1.0: the paper's weighted average
+            self.merged, reports = merge_round(self.merged, deltas, steps, args.merge_max_rank, args.merge_tolerance)
             self.model = adapters.install_merged(  # student += sum_k w_k dW_k
                 self.model, self.merged, self.base_model_id, self.peft_config.task_type
             )
@@ -399,6 +398,7 @@ class MoTTrainer:
             "lora": {key: lora.get(key) for key in shape},
             "lora_config": lora,
             "merge_max_rank": self.args.merge_max_rank,
+            "merge_step_size": self.args.merge_step_size,
             "seed": self.args.seed,
         }
 
