@@ -103,6 +103,29 @@ def test_merge_fidelity_and_no_requantization(precision, qwen3_dir, teachers, tm
         assert layer.lora_A[MERGED_ADAPTER].weight.dtype == torch.float32
 
 
+class InitProbe(TrainerCallback):
+    """The trainable LoRA A of each branch as its training begins."""
+
+    def __init__(self):
+        self.first_a = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainable = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+        self.first_a.append(torch.cat([p.detach().flatten() for p in trainable]).clone())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_branch_inits_differ_unless_shared(qwen3_dir, teachers, tmp_path, shared):
+    probe = InitProbe()
+    trainer = quick_trainer(qwen3_dir, teachers, tmp_path, shared_branch_init=shared)
+    trainer.callbacks.append(probe)
+    trainer.train()
+    round1, round2 = probe.first_a[:3], probe.first_a[3:]
+    assert all(torch.equal(a, round1[0]) == shared for a in round1[1:])  # one draw per round when shared
+    assert all(torch.equal(a, round2[0]) == shared for a in round2[1:])
+    assert not torch.equal(round1[0], round2[0])  # every round draws afresh
+
+
 def test_fresh_adapter_and_optimizer_per_branch(qwen3_dir, teachers, tmp_path):
     starts = []
 

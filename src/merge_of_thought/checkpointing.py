@@ -51,7 +51,7 @@ _TEMP_MARK = ".tmp-"  # in the names of folders and files still being written; n
 # the learning rate or num_rounds, may change on resume: e.g. a lower learning rate after a diverged branch).
 IDENTITY_FIELDS = (
     "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank",
-    "merge_step_size",
+    "merge_step_size", "shared_branch_init",
 )
 
 

@@ -46,6 +46,9 @@ class MoTConfig(SFTConfig):
             ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
             extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
             ways shrinks the step; see benchmarks/quality/README.md for what it did there).
+        shared_branch_init (`bool`, defaults to `False`): start every branch of a round from the same random LoRA
+            ``A`` (the data order still differs per branch). Branches with independent inits learn in different
+            random subspaces, so their average keeps only part of each; see benchmarks/quality/README.md.
         merge_max_rank (`int`, *optional*): rank budget of the merged delta per layer. Unset keeps it exact (up to
             `merge_tolerance`); a budget truncates through an SVD of the factors and logs the error it made.
         merge_tolerance (`float`, defaults to `1e-4`): each merge may drop singular directions of the merged delta
@@ -84,6 +87,9 @@ class MoTConfig(SFTConfig):
     merge_step_size: float = field(
         default=1.0,
         metadata={"help": "Each round adds merge_step_size x the weighted average of the branch deltas (1 = paper)."},
+    )
+    shared_branch_init: bool = field(
+        default=False, metadata={"help": "Start every branch of a round from the same random LoRA A."}
     )
     merge_max_rank: int | None = field(
         default=None,

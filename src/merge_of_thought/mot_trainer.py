@@ -203,9 +203,8 @@ class MoTTrainer:
     def _train_branch(self, round_idx: int, k: int, teacher: str) -> BranchResult:
         """Train a fresh LoRA branch on one teacher from the current student; return its adapter and metrics."""
         name = f"mot_branch_{k}"
-        self.model = adapters.add_branch_adapter(
-            self.model, name, self.peft_config, seed=self._branch_seed(round_idx, k)
-        )
+        init_seed = self._branch_seed(round_idx, 0 if self.args.shared_branch_init else k)
+        self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
         folder = self.run.branch_dir(round_idx, teacher)
         self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
@@ -261,7 +260,8 @@ class MoTTrainer:
         return {self.teacher_names[k]: None if b is None else b.adapter.deltas() for k, b in gathered.items()}
 
     def _branch_seed(self, round_idx: int, k: int) -> int:
-        """Deterministic and distinct per branch, so each round sees a new data order and a new LoRA init."""
+        """Deterministic and distinct per branch, so each round sees a new data order and (unless
+        ``shared_branch_init``) a new LoRA init."""
         return self.args.seed + 1000 * round_idx + k
 
     def _sft_trainer(self, train_dataset: Dataset, eval_dataset: Dataset | None = None, **overrides) -> SFTTrainer:
@@ -399,6 +399,7 @@ class MoTTrainer:
             "lora_config": lora,
             "merge_max_rank": self.args.merge_max_rank,
             "merge_step_size": self.args.merge_step_size,
+            "shared_branch_init": self.args.shared_branch_init,
             "seed": self.args.seed,
         }
 
