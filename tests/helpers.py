@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -56,3 +58,17 @@ def dense_adapter(folder: Path) -> dict[str, torch.Tensor]:
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             out[module] = state[key.replace("lora_A", "lora_B")].double() @ A.double() * scaling
     return out
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(relative_path: str):
+    """Import a benchmark script (benchmarks/ is not a package) so its functions can be tested."""
+    path = BENCHMARKS / relative_path
+    name = "benchmark_" + relative_path.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

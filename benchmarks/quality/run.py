@@ -1,0 +1,371 @@
+"""Quality benchmark: MoT vs the best single teacher (STD) vs the union of all teachers (MTD), in miniature.
+
+    python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 3 seeds (~30 min, 2 cores)
+    python benchmarks/quality/run.py --quick    # 1 seed, 2 rounds x 10 steps (< 5 min)
+    python benchmarks/quality/run.py --ablations --seeds 0
+
+The design (student, task, teachers, hyperparameters, reporting rule) and why: benchmarks/quality/README.md.
+Each run (method x seed) is one job on a worker process with one CPU thread; its result is cached as JSON in
+``--work-dir`` so an interrupted benchmark resumes. Writes benchmarks/results/quality{,_quick,_ablations}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+TEACHERS = ("column", "verbose", "split", "noisy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every method shares; only the schedule of steps differs between methods."""
+
+    rounds: int = 5
+    steps_per_round: int = 50
+    train_prompts: int = 200
+    held_out: int = 200
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    lora_r: int = 16
+    lora_alpha: int = 32
+    digits: int = 2
+
+    @property
+    def path_steps(self) -> int:
+        """Steps of one branch path (= the STD and MTD-250 budget)."""
+        return self.rounds * self.steps_per_round
+
+
+FULL = Setting()
+QUICK = Setting(rounds=2, steps_per_round=10, held_out=100)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run. ``method``: "mot", "std" or "mtd"; ``variant`` names a MoT ablation (see ABLATIONS)."""
+
+    method: str
+    seed: int
+    teacher: str | None = None
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        label = {"std": f"STD-{self.teacher}", "mtd": "MTD", "mot": "MoT"}[self.method]
+        return f"{label}{'-' + self.variant if self.variant else ''}"
+
+
+# MoT variants for the follow-up (benchmarks/quality/README.md says why each): what changes against the main MoT
+# run. "config" goes to MoTConfig; each spends 1000 branch-steps unless its comment says otherwise.
+ABLATIONS: dict[str, dict] = {
+    "step2": {"config": {"merge_step_size": 2.0}},  # extrapolate the averaged update (outer step size 2)
+    "step4": {"config": {"merge_step_size": 4.0}},  # = the SUM of the four branch deltas (task arithmetic)
+    "same-column": {"teachers": ("column",) * 4},  # four branches of the best teacher: diversity vs restarts
+    "1x250": {"rounds": 1, "steps_per_round": 250},  # one average of four full STD runs
+    "10x25": {"rounds": 10, "steps_per_round": 25},  # more, shorter rounds
+    "no-noisy": {"teachers": ("column", "verbose", "split")},  # without the noisy teacher (750 branch-steps)
+    # added after the six above: separate the restart cost from the cost of averaging LoRA branches
+    "restart-only": {"teachers": ("column",)},  # one branch: merge-and-restart alone (250 branch-steps)
+    "shared-init": {"config": {"shared_branch_init": True}},  # every branch of a round from the same LoRA A
+}
+
+
+def jobs_for(seeds: list[int], ablations: bool, variants: list[str] | None = None) -> list[Job]:
+    """The main comparison, or the ablation variants; longest jobs first so the workers finish together."""
+    if ablations:
+        return [Job("mot", seed, variant=variant) for seed in seeds for variant in variants or ABLATIONS]
+    jobs = [Job(method, seed) for seed in seeds for method in ("mot", "mtd")]
+    return jobs + [Job("std", seed, teacher) for seed in seeds for teacher in TEACHERS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side: one job = load the 4-bit student, train, score held-out and pre-training accuracy along the way.
+
+
+def _score(model, tokenizer, held_out, probes) -> dict[str, float]:
+    from merge_of_thought.demo.student import pretraining_accuracy
+    from merge_of_thought.demo.task import accuracy
+
+    score, completions = accuracy(model, tokenizer, held_out, return_completions=True)
+    return {"accuracy": score, "pretrain_accuracy": pretraining_accuracy(model, tokenizer, probes),
+            "samples": [p.prompt + c for p, c in zip(held_out[:3], completions)]}  # what the errors look like
+
+
+def run_job(job: Job, setting: Setting) -> dict:
+    """Train one run and return its curve: ``[{"steps": total SFT steps so far, "accuracy", "pretrain_accuracy"}]``."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from merge_of_thought import MoTCallback, MoTConfig, MoTTrainer
+    from merge_of_thought.demo.run import quiet
+    from merge_of_thought.demo.student import load_demo_student, pretraining_probes
+    from merge_of_thought.demo.task import make_problems, make_teacher_datasets
+
+    quiet()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    variant = ABLATIONS.get(job.variant, {})
+    teachers = variant.get("teachers", TEACHERS)
+    rounds = variant.get("rounds", setting.rounds)
+    steps_per_round = variant.get("steps_per_round", setting.steps_per_round)
+    model, tokenizer = load_demo_student(load_in_4bit=True)
+    train = make_problems(setting.train_prompts, seed=job.seed, split="train", digits=setting.digits)
+    held_out = make_problems(setting.held_out, seed=0, split="test", digits=setting.digits)
+    probes = pretraining_probes()
+    data = make_teacher_datasets(train, teachers=sorted(set(teachers)), seed=job.seed)
+    curve = [{"steps": 0, **_score(model, tokenizer, held_out, probes)}]
+    run_dir = tempfile.TemporaryDirectory(prefix="mot-quality-")
+    shared = {
+        "output_dir": run_dir.name, "learning_rate": setting.learning_rate, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": setting.batch_size, "gradient_checkpointing": False, "bf16": False,
+        "report_to": [], "disable_tqdm": True, "logging_steps": 10**6, "save_strategy": "no", "seed": job.seed,
+        "dataloader_pin_memory": False,
+    }  # fmt: skip
+    lora = LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha, target_modules="all-linear")
+
+    if job.method == "mot":
+        branches = {f"{t}-{i}" if teachers.count(t) > 1 else t: data[t] for i, t in enumerate(teachers)}
+
+        class ScoreRound(MoTCallback):
+            def on_round_end(self, trainer, round_idx, metrics):
+                steps = round_idx * steps_per_round * len(branches)
+                curve.append({"steps": steps, "round": round_idx, **_score(trainer.model, tokenizer, held_out, probes)})
+
+        args = MoTConfig(num_rounds=rounds, max_steps=steps_per_round, overwrite_output_dir=True,
+                         allow_single_teacher=len(branches) == 1, **shared, **variant.get("config", {}))
+        MoTTrainer(model, args=args, teachers=branches, processing_class=tokenizer, peft_config=lora,
+                   callbacks=[ScoreRound()]).train()
+    else:
+        total = setting.path_steps * (len(TEACHERS) if job.method == "mtd" else 1)
+        every = setting.path_steps if job.method == "mtd" else setting.steps_per_round
+        if job.method == "mtd":  # the union of all teachers' traces, shuffled once per seed
+            from datasets import concatenate_datasets
+
+            dataset = concatenate_datasets([data[t] for t in TEACHERS]).shuffle(seed=job.seed)
+        else:
+            dataset = data[job.teacher]
+
+        class ScoreEvery(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % every == 0:
+                    curve.append({"steps": state.global_step, **_score(model, tokenizer, held_out, probes)})
+
+        SFTTrainer(model, args=SFTConfig(max_steps=total, **shared), train_dataset=dataset,
+                   processing_class=tokenizer, peft_config=lora, callbacks=[ScoreEvery()]).train()
+    run_dir.cleanup()
+    return {"job": dataclasses.asdict(job), "name": job.name, "curve": curve,
+            "seconds": time.perf_counter() - start}
+
+
+def _run_cached(job: Job, setting: Setting, cache: Path) -> dict:
+    path = cache / f"{job.name}-seed{job.seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainers' step logs; the curve keeps what matters
+        result = run_job(job, setting)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary: mean +- std over seeds, paired differences, a Markdown report and a plot.
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _at(curve: list[dict], steps: int) -> dict:
+    return next(point for point in curve if point["steps"] == steps)
+
+
+def summarize(results: list[dict], setting: Setting) -> dict:
+    """Per method: final accuracy (the last point, never the best), forgetting, and MoT's per-round curve."""
+    by_name: dict[str, dict[int, list[dict]]] = {}
+    for result in results:
+        by_name.setdefault(result["name"], {})[result["job"]["seed"]] = result["curve"]
+    rows: dict[str, dict] = {}
+
+    def add(label: str, curves: dict[int, list[dict]], steps: int | None = None) -> None:
+        finals = {seed: (_at(curve, steps) if steps is not None else curve[-1]) for seed, curve in curves.items()}
+        seeds = sorted(finals)
+        rows[label] = {
+            "steps": finals[seeds[0]]["steps"],
+            "seeds": seeds,
+            "accuracy": _mean_std([finals[s]["accuracy"] for s in seeds]),
+            "pretrain_accuracy": _mean_std([finals[s]["pretrain_accuracy"] for s in seeds]),
+            "forgetting": _mean_std([curves[s][0]["pretrain_accuracy"] - finals[s]["pretrain_accuracy"]
+                                     for s in seeds]),
+        }
+
+    for name, curves in sorted(by_name.items()):
+        if name == "MTD":
+            add("MTD-250", curves, setting.path_steps)
+            add("MTD-1000", curves)
+        else:
+            add(name, curves)
+    std_rows = {name: row for name, row in rows.items() if name.startswith("STD-")}
+    summary: dict = {"setting": dataclasses.asdict(setting), "methods": rows}
+    if std_rows:
+        best = max(std_rows, key=lambda name: std_rows[name]["accuracy"]["mean"])
+        summary["best_std"] = best
+        if "MoT" in rows:
+            for baseline in (best, "MTD-250", "MTD-1000"):
+                mot, other = rows["MoT"]["accuracy"]["values"], rows[baseline]["accuracy"]["values"]
+                summary.setdefault("mot_minus", {})[baseline] = _mean_std([a - b for a, b in zip(mot, other)])
+    for name, curves in by_name.items():
+        if name.startswith("MoT"):
+            per_round = {}
+            for curve in curves.values():
+                for point in curve:
+                    per_round.setdefault(point.get("round", 0), []).append(point["accuracy"])
+            summary.setdefault("mot_rounds", {})[name] = {r: _mean_std(v) for r, v in sorted(per_round.items())}
+    summary["seconds_per_run"] = {name: statistics.fmean(r["seconds"] for r in results if r["name"] == name)
+                                  for name in by_name}
+    return summary
+
+
+def _fmt(stat: dict) -> str:
+    return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
+
+
+def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float) -> None:
+    seeds = next(iter(summary["methods"].values()))["seeds"]
+    lines = [
+        f"# Quality benchmark{' (' + path.stem.split('_', 1)[1] + ')' if '_' in path.stem else ''}",
+        "",
+        f"Command: `{command}` ({wall_seconds / 60:.1f} min on this machine). Seeds: {seeds}. Design and findings:",
+        "benchmarks/quality/README.md. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
+        "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
+        "Mean +- std over seeds.",
+        "",
+        "| method | SFT steps | held-out accuracy | pre-training accuracy | forgetting |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in summary["methods"].items():
+        best = " (best STD)" if name == summary.get("best_std") else ""
+        lines.append(f"| {name}{best} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['pretrain_accuracy'])} "
+                     f"| {_fmt(row['forgetting'])} |")
+    if "mot_minus" in summary:
+        lines += ["", "MoT minus baseline, paired by seed (held-out accuracy):", ""]
+        for baseline, diff in summary["mot_minus"].items():
+            lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed: {', '.join(f'{v:+.3f}' for v in diff['values'])})")
+    for name, rounds in summary.get("mot_rounds", {}).items():
+        lines += ["", f"{name} per round (round 0 = the starting student):", "",
+                  "| round | " + " | ".join(str(r) for r in rounds) + " |",
+                  "|---|" + "---:|" * len(rounds),
+                  "| accuracy | " + " | ".join(_fmt(v) for v in rounds.values()) + " |"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: list[dict], summary: dict, path: Path) -> None:
+    """Held-out and pre-training accuracy against total SFT steps (mean over seeds, +- std shaded, clipped to
+    [0, 1]), and the two against each other: how much a method forgets for what it learns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    names = sorted({r["name"] for r in results}, key=lambda n: (not n.startswith("MoT"), n))
+    for name in names:
+        curves = [r["curve"] for r in results if r["name"] == name]
+        steps = [p["steps"] for p in curves[0]]
+        style = {"lw": 2.5} if name == "MoT" else {"lw": 1.2, "alpha": 0.8}
+        if name.startswith("STD") and name != summary.get("best_std"):
+            style.update(ls="--", alpha=0.5)
+        means = {}
+        for ax, key in zip(axes, ("accuracy", "pretrain_accuracy")):
+            values = [[c[i][key] for c in curves] for i in range(len(steps))]
+            means[key] = mean = [statistics.fmean(v) for v in values]
+            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=name, **style)
+            low = [max(0.0, m - s) for m, s in zip(mean, spread)]
+            high = [min(1.0, m + s) for m, s in zip(mean, spread)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.1)
+        axes[2].plot(means["accuracy"], means["pretrain_accuracy"], marker="o", ms=3, color=line.get_color(),
+                     label=name, **style)
+    axes[0].set(xlabel="total SFT steps (MoT: 4 branches per round)", ylabel="held-out accuracy",
+                title="Distillation: held-out final-answer accuracy")
+    axes[1].set(xlabel="total SFT steps", ylabel="pre-training probe accuracy", title="Forgetting")
+    axes[2].set(xlabel="held-out accuracy", ylabel="pre-training probe accuracy",
+                title="Forgetting against learning (every checkpoint)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds x 10 steps: a smoke test")
+    parser.add_argument("--ablations", action="store_true", help="run the MoT variants of ABLATIONS instead")
+    parser.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), help="with --ablations: only these")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, 1 thread each")
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "quality"))
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the saved .json")
+    args = parser.parse_args(argv)
+    setting = QUICK if args.quick else FULL
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    suffix = "_quick" if args.quick else "_ablations" if args.ablations else ""
+    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}"
+    cache.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_for(seeds, args.ablations, args.variants)
+    if args.ablations:  # the reference MoT and best-STD runs of the same seeds, from the main comparison's cache
+        jobs += [Job(m, s) for s in seeds for m in ("mot", "mtd")] + [Job("std", s, t) for s in seeds for t in TEACHERS]
+    out = Path(args.results_dir)
+    if args.report_only:
+        saved = json.loads((out / f"quality{suffix}.json").read_text())
+        summary = summarize(saved["runs"], setting)
+        summary.update(wall_seconds=saved["summary"]["wall_seconds"], command=saved["summary"]["command"])
+        return _report(saved["runs"], summary, out, suffix)
+    start = time.perf_counter()
+    results = []
+    print(f"{len(jobs)} runs on {args.workers} workers; cache {cache}", flush=True)
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_cached, job, setting, cache): job for job in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            result = future.result()  # a failed run stops the benchmark; finished runs stay cached
+            results.append(result)
+            final = result["curve"][-1]
+            print(f"[{done}/{len(jobs)}] {result['name']} seed {result['job']['seed']}: accuracy "
+                  f"{final['accuracy']:.3f}, pre-training {final['pretrain_accuracy']:.3f} "
+                  f"({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)", flush=True)
+    wall = time.perf_counter() - start
+    summary = summarize(results, setting)
+    summary["wall_seconds"] = wall
+    command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary["command"] = command.strip()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    return _report(results, summary, out, suffix)
+
+
+def _report(results: list[dict], summary: dict, out: Path, suffix: str) -> dict:
+    write_markdown(summary, out / f"quality{suffix}.md", summary["command"], summary["wall_seconds"])
+    plot(results, summary, out / f"quality{suffix}.png")
+    print((out / f"quality{suffix}.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""benchmarks/quality/run.py: its reporting rule, its MTD-250 shortcut, and one real micro run of each method."""
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from merge_of_thought.demo.student import load_demo_student, pretraining_accuracy, pretraining_probes
+from merge_of_thought.demo.task import extract_answer, make_problems, make_teacher_dataset, teacher_trace
+
+from helpers import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return load_benchmark("quality/run.py")
+
+
+def test_three_digit_teachers_are_right_except_the_noisy_one():
+    problems = make_problems(300, seed=0, split="train", digits=3)
+    held_out = {p.prompt for p in make_problems(500, seed=0, split="test", digits=3)}
+    assert not held_out & {p.prompt for p in problems} and all(100 <= p.a < 1000 for p in problems)
+    for teacher in ("column", "verbose", "split"):
+        assert all(extract_answer(teacher_trace(teacher, p)) == p.answer for p in problems)
+    noisy = make_teacher_dataset("noisy", problems, seed=0, noise_rate=0.4)
+    wrong = sum(extract_answer(c) != p.answer for c, p in zip(noisy["completion"], problems)) / len(problems)
+    assert 0.3 < wrong < 0.5
+    assert teacher_trace("column", make_problems(1, digits=3)[0]).count("\n") == 3  # one line per place + answer
+
+
+def test_pretraining_probes_score_the_shipped_student():
+    probes = pretraining_probes(100)
+    assert len({prompt for prompt, _ in probes}) == 100
+    assert all(prompt.endswith(("=", ": ")) and expected for prompt, expected in probes)
+    model, tokenizer = load_demo_student(load_in_4bit=False)
+    assert pretraining_accuracy(model, tokenizer, probes) >= 0.9  # what it was pre-trained on
+    with torch.no_grad():  # a student that lost its pre-training scores low
+        for parameter in model.parameters():
+            parameter.mul_(0.0).add_(torch.randn_like(parameter) * 0.02)
+    assert pretraining_accuracy(model, tokenizer, probes) < 0.1
+
+
+def test_summary_reports_the_last_round_and_paired_differences(quality):
+    def run(name, seed, accuracies, steps, method="std"):
+        curve = [{"steps": s, "accuracy": a, "pretrain_accuracy": 1.0 - s / 1000} for s, a in zip(steps, accuracies)]
+        if method == "mot":
+            for round_idx, point in enumerate(curve):
+                point["round"] = round_idx
+        return {"name": name, "job": {"seed": seed, "method": method}, "curve": curve, "seconds": 1.0}
+
+    setting = dataclasses.replace(quality.FULL)
+    results = []
+    for seed, bonus in ((0, 0.0), (1, 0.1)):
+        results.append(run("MoT", seed, [0.0, 0.9, 0.5], [0, 500, 1000], "mot"))  # best round 1, last round 2
+        results.append(run("MTD", seed, [0.0, 0.2 + bonus, 0.4, 0.4, 0.6], [0, 250, 500, 750, 1000], "mtd"))
+        results.append(run("STD-column", seed, [0.0, 0.7 + bonus], [0, 250]))
+        results.append(run("STD-noisy", seed, [0.0, 0.3], [0, 250]))
+    summary = quality.summarize(results, setting)
+    methods = summary["methods"]
+    assert methods["MoT"]["accuracy"]["mean"] == pytest.approx(0.5)  # the last round, not the best one
+    assert methods["MTD-250"]["accuracy"]["values"] == pytest.approx([0.2, 0.3])
+    assert methods["MTD-1000"]["steps"] == 1000 and methods["MTD-250"]["steps"] == 250
+    assert summary["best_std"] == "STD-column"
+    assert summary["mot_minus"]["STD-column"]["values"] == pytest.approx([-0.2, -0.3])
+    assert methods["MoT"]["forgetting"]["mean"] == pytest.approx(1.0)
+    assert summary["mot_rounds"]["MoT"][1]["mean"] == pytest.approx(0.9)
+
+
+def test_mtd_250_is_the_first_250_steps_of_mtd_1000(tmp_path):
+    """The benchmark reads MTD-250 at step 250 of MTD-1000: true with a constant learning rate and the same seed."""
+    _, tokenizer = load_demo_student()
+    data = make_teacher_dataset("column", make_problems(40, seed=1), seed=1)
+
+    def lora_after(max_steps, stop_at):
+        model, _ = load_demo_student()
+        args = SFTConfig(output_dir=str(tmp_path / str(max_steps)), max_steps=max_steps, learning_rate=3e-3,
+                         lr_scheduler_type="constant", per_device_train_batch_size=8, bf16=False,
+                         gradient_checkpointing=False, report_to=[], disable_tqdm=True, save_strategy="no", seed=3)
+        trainer = SFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        snapshot = {}
+
+        class Snapshot(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step == stop_at:
+                    snapshot.update({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+
+        trainer.add_callback(Snapshot())
+        trainer.train()
+        return snapshot
+
+    short, long = lora_after(3, 3), lora_after(9, 3)
+    assert short.keys() == long.keys() and all(torch.equal(short[k], long[k]) for k in short)
+
+
+@pytest.mark.parametrize("method", ["mot", "mtd", "std"])
+def test_micro_run_of_each_method(quality, method):
+    setting = quality.Setting(rounds=2, steps_per_round=2, train_prompts=24, held_out=8)
+    job = quality.Job(method, seed=0, teacher="column" if method == "std" else None)
+    result = quality.run_job(job, setting)
+    steps = [point["steps"] for point in result["curve"]]
+    expected = {"mot": [0, 8, 16], "mtd": [0, 4, 8, 12, 16], "std": [0, 2, 4]}[method]
+    assert steps == expected
+    assert all(0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["pretrain_accuracy"] <= 1.0 for p in result["curve"])
+    assert result["curve"][0]["pretrain_accuracy"] >= 0.9
+    assert result["name"] == {"mot": "MoT", "mtd": "MTD", "std": "STD-column"}[method]
