@@ -175,7 +175,7 @@ def run_job(job: Job, setting: Setting) -> dict:
 def _run_cached(job: Job, setting: Setting, cache: Path) -> dict:
     path = cache / f"{job.name}-seed{job.seed}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return {**json.loads(path.read_text()), "cached": True}
     with contextlib.redirect_stdout(io.StringIO()):  # the trainers' step logs; the curve keeps what matters
         result = run_job(job, setting)
     tmp = path.with_suffix(".tmp")
@@ -249,10 +249,14 @@ def _fmt(stat: dict) -> str:
 
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float) -> None:
     seeds = next(iter(summary["methods"].values()))["seeds"]
+    cached = summary.get("runs_from_cache", 0)
+    timing = f"{wall_seconds / 60:.1f} min on this machine" + (
+        f"; {cached} runs were read from the cache of earlier invocations, their own seconds are in the JSON"
+        if cached else "")
     lines = [
         f"# Quality benchmark{' (' + path.stem.split('_', 1)[1] + ')' if '_' in path.stem else ''}",
         "",
-        f"Command: `{command}` ({wall_seconds / 60:.1f} min on this machine). Seeds: {seeds}. Design and findings:",
+        f"Command: `{command}` ({timing}). Seeds: {seeds}. Design and findings:",
         "benchmarks/quality/README.md. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
         "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         saved = json.loads((out / f"quality{suffix}.json").read_text())
         summary = summarize(saved["runs"], setting)
-        summary.update(wall_seconds=saved["summary"]["wall_seconds"], command=saved["summary"]["command"])
+        summary.update({key: saved["summary"].get(key) for key in ("wall_seconds", "command", "runs_from_cache")})
         return _report(saved["runs"], summary, out, suffix)
     start = time.perf_counter()
     results = []
@@ -353,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - start
     summary = summarize(results, setting)
     summary["wall_seconds"] = wall
+    summary["runs_from_cache"] = sum(bool(r.pop("cached", False)) for r in results)
     command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary["command"] = command.strip()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,127 @@
+"""What the frozen merged adapter costs a training step, by its rank: the step time of round t against round 1.
+
+With K teachers of LoRA rank r, the exact merged delta has rank up to K*r*(t-1) when round t trains (round 1 trains
+on the bare student). This benchmark installs a merged adapter of each such rank on the same loaded model (random
+fp32 factors: the cost does not depend on the values), attaches a fresh rank-r branch like MoT does, and times
+SFTTrainer steps. ``merge_max_rank=K*r`` keeps every later round at the rank-K*r cost.
+
+    python benchmarks/perf/rank_cost.py                  # 70M Qwen3, K=4 r=16 (ranks 0..320), fp32 and nf4, ~6 min
+    python benchmarks/perf/rank_cost.py --size tiny --steps 3 --precisions fp32   # smoke run
+
+Writes the ``rank_cost`` record of benchmarks/results/perf.json and its table in rank_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, build_student, machine, teacher_data, update_results  # noqa: E402
+from overhead import StepTimer, load  # noqa: E402
+
+from merge_of_thought import adapters  # noqa: E402
+from merge_of_thought.merging import LowRankDelta  # noqa: E402
+
+
+def merged_of_rank(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> dict[str, LowRankDelta]:
+    """Random fp32 factors of ``rank`` (capped by the layer's size) for every adapted layer."""
+    generator = torch.Generator().manual_seed(seed)
+    merged = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        r = min(rank, fan_in, fan_out)
+        merged[name] = LowRankDelta(torch.randn(fan_out, r, generator=generator) * 1e-3,
+                                    torch.randn(r, fan_in, generator=generator) * 1e-3)
+    return merged
+
+
+def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int, warmup: int, batch: int):
+    """Step times of a fresh branch trained above a merged adapter of ``rank`` (0: none), and the wrapped model."""
+    if rank:
+        model = adapters.install_merged(model, merged_of_rank(shapes, rank), None, "CAUSAL_LM")
+    model = adapters.add_branch_adapter(model, "branch", lora, seed=0)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch,
+                         learning_rate=1e-4, bf16=False, gradient_checkpointing=False, report_to=[],
+                         save_strategy="no", disable_tqdm=True, logging_steps=10**6, dataloader_pin_memory=False)
+        SFTTrainer(model, args=args, train_dataset=teacher_data(0), processing_class=tokenizer,
+                   callbacks=[timer]).train()
+    return [seconds for _, seconds in timer.steps[warmup:]], model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="70m", choices=["70m", "tiny"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "nf4"])
+    parser.add_argument("--teachers", type=int, default=4)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per rank (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv)
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    folder = build_student(Path(tempfile.gettempdir()) / f"mot-bench-{args.size}", args.size)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    ranks = [args.teachers * args.lora_r * t for t in range(args.rounds)]  # what round t+1 trains above
+    record = {"machine": machine(), "size": args.size, "teachers": args.teachers, "lora_r": args.lora_r,
+              "batch": args.batch, "timed_steps": args.steps, "results": {}}
+    for precision in args.precisions:
+        model = load(folder, precision)
+        modules = adapters.check_targets(model, lora)
+        shapes = dict(zip(modules, adapters.layer_dims(model, modules)))
+        rows = []
+        for rank in ranks:
+            times, model = step_times(model, shapes, tokenizer, lora, rank, args.steps, warmup=2, batch=args.batch)
+            merged_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                            if adapters.MERGED_ADAPTER in n) / 2**20
+            model.delete_adapter("branch")
+            rows.append({"merged_rank": rank, "step_seconds": median(times), "merged_adapter_mb": merged_mb})
+            print(f"{precision} merged rank {rank}: {median(times):.3f} s/step, adapter {merged_mb:.1f} MB", flush=True)
+        base = rows[0]["step_seconds"]
+        for row in rows:
+            row["vs_round1"] = row["step_seconds"] / base
+        record["results"][precision] = rows
+        del model
+    record["command"] = "python benchmarks/perf/rank_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record["date"] = time.strftime("%Y-%m-%d")
+    update_results("rank_cost", record)
+    write_markdown(record)
+    return record
+
+
+def write_markdown(record: dict) -> None:
+    k, r = record["teachers"], record["lora_r"]
+    lines = [
+        f"# Step time against the merged adapter's rank ({record['size']} Qwen3, K={k}, r={r}, batch "
+        f"{record['batch']})",
+        "",
+        f"Command: `{record['command'].strip()}`. Median of {record['timed_steps']} steps per rank, all ranks in one "
+        "process on one loaded model. Round t trains above a merged adapter of rank K*r*(t-1) when the merge is "
+        f"exact (the default); with `merge_max_rank={k * r}` every round after the first stays at rank {k * r}.",
+        "",
+        "| precision | round | exact merged rank | s/step | vs round 1 | merged adapter MB (fp32) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for precision, rows in record["results"].items():
+        for t, row in enumerate(rows, 1):
+            lines.append(f"| {precision} | {t} | {row['merged_rank']} | {row['step_seconds']:.3f} | "
+                         f"{row['vs_round1']:.3f} | {row['merged_adapter_mb']:.1f} |")
+    (RESULTS / "rank_cost.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
