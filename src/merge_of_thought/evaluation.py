@@ -106,7 +106,6 @@ def _render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def generate_completions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
