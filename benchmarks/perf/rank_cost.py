@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             times, model = step_times(model, shapes, tokenizer, lora, rank, args.steps, warmup=2, batch=args.batch)
             merged_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                             if adapters.MERGED_ADAPTER in n) / 2**20
-            model.delete_adapter("branch")
+            adapters.remove_adapter(model, "branch")
             rows.append({"merged_rank": rank, "step_seconds": median(times), "merged_adapter_mb": merged_mb})
             print(f"{precision} merged rank {rank}: {median(times):.3f} s/step, adapter {merged_mb:.1f} MB", flush=True)
         base = rows[0]["step_seconds"]

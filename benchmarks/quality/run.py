@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from merge_of_thought.checkpointing import write_json_atomic
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TEACHERS = ("column", "verbose", "split", "noisy")
 
@@ -178,9 +180,7 @@ def _run_cached(job: Job, setting: Setting, cache: Path) -> dict:
         return {**json.loads(path.read_text()), "cached": True}
     with contextlib.redirect_stdout(io.StringIO()):  # the trainers' step logs; the curve keeps what matters
         result = run_job(job, setting)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, result)  # a run killed half-way leaves no cache file
     return result
 
 

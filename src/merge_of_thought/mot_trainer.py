@@ -8,7 +8,7 @@ The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs 
             SFTTrainer(...).train()              # teacher k's traces, max_steps, fresh optimizer and schedule
             dW_k = B_k @ A_k * scaling           # read in fp32, saved in PEFT format
         gather every branch's factors            # distributed.py; a no-op in one process
-        D = D + sum_k w_k dW_k                   # exact, as low-rank factors (merging.py)
+        D = D + s * sum_k w_k dW_k               # exact, as low-rank factors (merging.py); s = merge_step_size = 1
         student = base + D                       # D is a frozen fp32 adapter; the base is never re-quantized
 
 Every branch adapter and every merged round is checkpointed atomically in ``output_dir`` (checkpointing.py), so
@@ -179,9 +179,9 @@ class MoTTrainer:
             branch_deltas.update(self._gather_branches(round_idx, mine))
             teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
             start = time.perf_counter()
-            steps = [args.merge_step_size * w for w in weights]  # 1.0: the paper's weighted average
-            self.merged, reports = merge_round(self.merged, deltas, steps, args.merge_max_rank, args.merge_tolerance)
-            self.model = adapters.install_merged(  # student += sum_k w_k dW_k
+            scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
+            self.merged, reports = merge_round(self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance)
+            self.model = adapters.install_merged(  # student += s * sum_k w_k dW_k
                 self.model, self.merged, self.base_model_id, self.peft_config.task_type
             )
             merge_seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase, Qwen3Config
 
+from ..evaluation import generate_completions
 from .tokenizer import build_char_tokenizer
 
 
@@ -81,8 +82,6 @@ def pretraining_probes(n: int = 200, seed: int = 4321) -> list[tuple[str, str]]:
 
 def pretraining_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, probes=None) -> float:
     """Fraction of [`pretraining_probes`] whose greedy continuation's first line is exactly the expected text."""
-    from ..evaluation import generate_completions
-
     probes = probes or pretraining_probes()
     prompts = [prompt for prompt, _ in probes]
     completions = generate_completions(model, tokenizer, prompts, batch_size=256, max_new_tokens=12, disable_tqdm=True)
