@@ -229,7 +229,9 @@ def test_recorded_ids_are_hub_ids():
     from merge_of_thought.hub import hub_id, is_local_path
     from merge_of_thought.scripts.train import TeacherConfig, hub_dataset_id
 
-    snapshot = "/root/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/c1899de289a04d12100db370d81485cdf75e47ca"
+    snapshot = (
+        "/root/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/c1899de289a04d12100db370d81485cdf75e47ca"
+    )
     assert hub_id(snapshot) == "Qwen/Qwen3-0.6B" and hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
     assert is_local_path("/tmp/model") and is_local_path("./model") and not is_local_path("Qwen/Qwen3-0.6B")
     assert hub_dataset_id(TeacherConfig(path="open-r1/OpenR1-Math-220k", teacher="r1")) == "open-r1/OpenR1-Math-220k"

@@ -108,7 +108,7 @@ def test_sigkill_mid_branch_then_resume_equals_uninterrupted(reference, qwen3_di
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_abs_diff(reference, tmp_path) <= 1e-6
     lines = metrics(tmp_path)
-    assert [(l["type"], l.get("round"), l.get("teacher")) for l in lines if l["type"] != "round"] == [
+    assert [(row["type"], row.get("round"), row.get("teacher")) for row in lines if row["type"] != "round"] == [
         ("branch", 1, "teacher0"), ("branch", 1, "teacher1"), ("branch", 2, "teacher0"),
         ("resume", None, None), ("branch", 2, "teacher1"),
     ]  # fmt: skip
@@ -128,7 +128,7 @@ def test_sigkill_mid_merge_then_resume_equals_uninterrupted(reference, qwen3_dir
     assert [r["round"] for r in records] == [1, 2]
     assert not list(run.round_dir(1).glob(".merged.tmp-*"))
     assert max_abs_diff(reference, tmp_path) <= 1e-6
-    assert sum(l["type"] == "branch" for l in metrics(tmp_path)) == 4  # no branch trained twice
+    assert sum(row["type"] == "branch" for row in metrics(tmp_path)) == 4  # no branch trained twice
 
 
 # ---------------------------------------------------------------------------------------------- incompatible folders
@@ -187,7 +187,7 @@ def test_new_run_in_a_used_folder_needs_overwrite(reference, qwen3_dir, tmp_path
     shutil.copytree(reference, folder)
     small_run(qwen3_dir, folder, num_rounds=1, max_steps=1, overwrite_output_dir=True).train()
     assert RunFolder(folder).completed_rounds() == [1] and not (folder / "round-002").exists()
-    assert [l["type"] for l in metrics(folder)] == ["branch", "branch", "round"]
+    assert [row["type"] for row in metrics(folder)] == ["branch", "branch", "round"]
 
 
 # ---------------------------------------------------------------------------------------------- diverging branches
@@ -212,8 +212,8 @@ def test_runaway_learning_rate_is_caught_at_the_step_it_diverges(qwen3_dir, tmp_
     trainer = small_run(qwen3_dir, tmp_path / "drop", num_rounds=1, learning_rate=1e30, on_branch_divergence="drop")
     with pytest.raises(RuntimeError, match="Every branch of round 1 .* diverged"):
         trainer.train()
-    dropped = [l for l in metrics(tmp_path / "drop") if l["type"] == "dropped_branch"]
-    assert [(l["teacher"], l["step"]) for l in dropped] == [("teacher0", 2), ("teacher1", 2)]
+    dropped = [row for row in metrics(tmp_path / "drop") if row["type"] == "dropped_branch"]
+    assert [(row["teacher"], row["step"]) for row in dropped] == [("teacher0", 2), ("teacher1", 2)]
 
 
 def test_drop_mode_merges_the_other_branches_with_renormalised_weights(qwen3_dir, teachers, tmp_path, caplog):
@@ -233,8 +233,8 @@ def test_drop_mode_merges_the_other_branches_with_renormalised_weights(qwen3_dir
     for name, delta in merged.items():
         expected = (0.5 * branches["teacher0"][name] + 0.2 * branches["teacher2"][name]) / 0.7
         assert (delta - expected).norm() <= 1e-5 * expected.norm()
-    dropped = [l for l in metrics(tmp_path) if l["type"] == "dropped_branch"]
-    assert [(l["round"], l["teacher"], l["step"]) for l in dropped] == [(1, "teacher1", 1)]
+    dropped = [row for row in metrics(tmp_path) if row["type"] == "dropped_branch"]
+    assert [(row["round"], row["teacher"], row["step"]) for row in dropped] == [(1, "teacher1", 1)]
     assert "Dropping it from round 1's merge" in caplog.text
     assert RunFolder(tmp_path).resume_point(trainer.teacher_names).rounds_done == 1
 
@@ -309,8 +309,8 @@ def test_mot_train_resume(qwen3_dir, tmp_path):
     assert cli_main([*train, "--num_rounds", "2", "--resume"]) == 0
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
     lines = metrics(tmp_path / "out")
-    assert [l["round"] for l in lines if l["type"] == "branch"] == [1, 1, 2, 2, 3, 3]  # nothing trained twice
-    assert [l["rounds_done"] for l in lines if l["type"] == "resume"] == [1, 2]
+    assert [row["round"] for row in lines if row["type"] == "branch"] == [1, 1, 2, 2, 3, 3]  # nothing trained twice
+    assert [row["rounds_done"] for row in lines if row["type"] == "resume"] == [1, 2]
     assert RunFolder(tmp_path / "out").completed_rounds() == [1, 2, 3]
 
 

@@ -195,7 +195,7 @@ def test_run_folder_rebuilds_the_student_without_the_trainer(qwen3_dir, teachers
     config = json.loads((tmp_path / "round-002" / "merged" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == qwen3_dir
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["type"] for l in lines] == ["branch"] * 3 + ["round"] + ["branch"] * 3 + ["round"]
+    assert [row["type"] for row in lines] == ["branch"] * 3 + ["round"] + ["branch"] * 3 + ["round"]
     for line in lines:
         if line["type"] == "branch":
             assert line["steps"] == 2 and line["seconds"] > 0 and line["train_loss"] > 0

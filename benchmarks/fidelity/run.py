@@ -67,7 +67,8 @@ def main() -> None:
              "2 rounds x 2 steps). Relative error per adapted layer of the weights round 3 would train from against "
              "`student_2 + sum_k w_k dW_k` recomputed from the saved branch adapters; the requirement is <= 1e-3.",
              "", "| student precision | max relative error | mean | layers |", "|---|---|---|---|"]
-    lines += [f"| {p} | {r['max_rel_error']:.2e} | {r['mean_rel_error']:.2e} | {r['layers']} |" for p, r in results.items()]
+    lines += [f"| {p} | {r['max_rel_error']:.2e} | {r['mean_rel_error']:.2e} | {r['layers']} |"
+              for p, r in results.items()]
     (RESULTS / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
