@@ -88,7 +88,8 @@ def effective(model) -> dict[str, torch.Tensor]:
     for name, layer in adapters.lora_layers(model).items():
         W = adapters.base_weight(layer).double()
         if adapters.MERGED_ADAPTER in layer.lora_A:
-            W += layer.lora_B[adapters.MERGED_ADAPTER].weight.double() @ layer.lora_A[adapters.MERGED_ADAPTER].weight.double()
+            merged = adapters.MERGED_ADAPTER
+            W += layer.lora_B[merged].weight.double() @ layer.lora_A[merged].weight.double()
         weights[name] = W
     return weights
 
@@ -101,6 +102,8 @@ def worker(method: str, model_dir: str, branches: int, rank: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=NF4)
     before = effective(model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=NF4)
+    scratch_dir = tempfile.TemporaryDirectory(prefix="mot-merge-bench-")
+    scratch = Path(scratch_dir.name)
     with RssSampler() as memory, Timer() as timer:
         if method == "mot":
             peft_model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=rank), adapter_name="unused")
@@ -110,7 +113,7 @@ def worker(method: str, model_dir: str, branches: int, rank: int) -> dict:
         else:
             # one exact adapter holding the mean of the deltas (rank K*r), then folded the usual way
             merged, _ = merge_round(None, deltas, weights)
-            folder = Path(tempfile.mkdtemp())
+            folder = scratch / "merged"
             adapters.save_merged(merged, folder, model_dir)
             if method == "peft_4bit":
                 after_model = PeftModel.from_pretrained(model, folder).merge_and_unload()
@@ -118,11 +121,12 @@ def worker(method: str, model_dir: str, branches: int, rank: int) -> dict:
                 del model
                 bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
                 folded = PeftModel.from_pretrained(bf16, folder).merge_and_unload()
-                out = Path(tempfile.mkdtemp())
+                out = scratch / "folded"
                 folded.save_pretrained(out)
                 del bf16, folded
                 after_model = AutoModelForCausalLM.from_pretrained(out, quantization_config=NF4)
     after = effective(after_model)
+    scratch_dir.cleanup()
     errors = [((after[n] - before[n]) - exact[n]).norm() / exact[n].norm() for n in exact]
     cosines = [torch.nn.functional.cosine_similarity((after[n] - before[n]).flatten(), exact[n].flatten(), dim=0)
                for n in exact]

@@ -28,7 +28,9 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Timer, build_student, machine, peak_rss_mb, teacher_data, update_results  # noqa: E402
 
-from merge_of_thought import MoTConfig, MoTTrainer  # noqa: E402
+from merge_of_thought import MoTConfig, MoTTrainer, adapters  # noqa: E402
+from merge_of_thought.checkpointing import RunFolder  # noqa: E402
+from merge_of_thought.merging import merge_round, summarize  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -59,11 +61,23 @@ def common_args(out: str, steps: int, batch: int) -> dict:
                 disable_tqdm=True, seed=0, dataloader_pin_memory=False)
 
 
+def budget_errors(run_dir: Path, teachers: list[str], rounds: int, max_rank: int) -> list[float]:
+    """Per round, the worst per-layer error (relative to that round's update) a ``merge_max_rank`` budget would have
+    made on this run's trained branches, recomputed from the branch adapters the run saved."""
+    run, merged, errors = RunFolder(run_dir), None, []
+    for round_idx in range(1, rounds + 1):
+        branches = [adapters.load_delta(run.branch_dir(round_idx, t)) for t in teachers]
+        merged, reports = merge_round(merged, branches, [1 / len(teachers)] * len(teachers), max_rank, 1e-4)
+        errors.append(summarize(reports)["merge_rel_error_max"])
+    return errors
+
+
 def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int, steps: int, batch: int) -> dict:
     torch.set_num_threads(2)
     data = {f"teacher{k}": teacher_data(k) for k in range(teachers)}
     model = load(model_dir, precision)
-    timer, out = StepTimer(), tempfile.mkdtemp()
+    timer, run_dir = StepTimer(), tempfile.TemporaryDirectory(prefix="mot-perf-")
+    out = run_dir.name
     with Timer() as wall:
         if mode == "plain":
             trainer = SFTTrainer(model, args=SFTConfig(**common_args(out, rounds * teachers * steps, batch)),
@@ -85,9 +99,14 @@ def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int
         for name, s in timer.steps:
             per_round.setdefault(name.split("/")[0], []).append(s)
         record["median_step_seconds_by_round"] = {r: median(v[1:] or v) for r, v in per_round.items()}
-        rounds_log = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rounds_log = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         record["merge_seconds"] = [r["merge_seconds"] for r in rounds_log if r["type"] == "round"]
         record["merged_rank"] = [r["merge_rank"] for r in rounds_log if r["type"] == "round"]
+        lora_r = LORA["r"]
+        record["budget_rel_error_max"] = {  # what a flat step cost would have cost in fidelity on these branches
+            str(budget): budget_errors(Path(out), list(data), rounds, budget) for budget in (lora_r, teachers * lora_r)
+        }
+    run_dir.cleanup()
     return record
 
 
@@ -154,6 +173,16 @@ def write_markdown() -> None:
     lines += ["", "Commands: " + ", ".join(sorted({f"`{r['command']}`" for n, r in results.items()
                                                    if n.startswith("overhead")})), ""]
     lines += [f"- {name}: {r['note']}" for name, r in sorted(results.items()) if r.get("note")]
+    for name, r in sorted(results.items()):
+        mot_runs = r.get("runs", {}).get("mot", []) if name.startswith("overhead") else []
+        if mot_runs and "budget_rel_error_max" in mot_runs[0]:
+            budgets = mot_runs[0]["budget_rel_error_max"]
+            lines.append(
+                f"- {name}: exact merged rank per round {mot_runs[0]['merged_rank']}; a `merge_max_rank` budget would "
+                "have dropped, per round, at most this fraction of the round's update in one layer (the exact merge "
+                "keeps it under 1e-3): " + "; ".join(
+                    f"rank {b}: {', '.join(f'{e:.2f}' for e in errors)}" for b, errors in budgets.items()) + "."
+            )
     lines += [""]
     for name, record in sorted(results.items()):
         if name.startswith("merge"):

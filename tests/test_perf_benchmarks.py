@@ -1,0 +1,21 @@
+"""benchmarks/perf/overhead.py keeps working and measures what perf.md reports (a tiny run of each mode)."""
+
+import tempfile
+from pathlib import Path
+
+from helpers import load_benchmark
+
+
+def test_overhead_worker_records_ranks_and_rank_budget_errors(tmp_path):
+    overhead = load_benchmark("perf/overhead.py")
+    student = overhead.build_student(tmp_path / "student", "tiny")
+    before = set(Path(tempfile.gettempdir()).glob("mot-perf-*"))
+    mot = overhead.worker("mot", "fp32", student, rounds=2, teachers=2, steps=2, batch=2)
+    assert mot["steps"] == 8 and set(mot["median_step_seconds_by_round"]) == {"round1", "round2"}
+    assert mot["merged_rank"] == [32, 64]  # exact: 2 branches x r=16 more every round
+    budget_32, budget_16 = mot["budget_rel_error_max"]["32"], mot["budget_rel_error_max"]["16"]
+    assert budget_32[0] < 1e-3 < budget_32[1]  # rank 32 holds round 1 exactly, not round 2 (exact rank 64)
+    assert budget_16[0] > 1e-3 and budget_16[1] > budget_32[1]
+    assert set(Path(tempfile.gettempdir()).glob("mot-perf-*")) == before  # the run folder was removed
+    plain = overhead.worker("plain", "fp32", student, rounds=2, teachers=2, steps=2, batch=2)
+    assert plain["steps"] == 8 and plain["peak_rss_mb"] > 0
