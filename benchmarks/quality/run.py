@@ -82,6 +82,9 @@ ABLATIONS: dict[str, dict] = {
     # added after the six above: separate the restart cost from the cost of averaging LoRA branches
     "restart-only": {"teachers": ("column",)},  # one branch: merge-and-restart alone (250 branch-steps)
     "shared-init": {"config": {"shared_branch_init": True}},  # every branch of a round from the same LoRA A
+    # added for issue 8: what a lossy rank budget (flat step cost) does to quality; exact rank 64 per round here
+    "rank64": {"config": {"merge_max_rank": 64}},  # the budget of one round's update (K*r)
+    "rank32": {"config": {"merge_max_rank": 32}},
 }
 
 
@@ -146,7 +149,9 @@ def run_job(job: Job, setting: Setting) -> dict:
         class ScoreRound(MoTCallback):
             def on_round_end(self, trainer, round_idx, metrics):
                 steps = round_idx * steps_per_round * len(branches)
-                curve.append({"steps": steps, "round": round_idx, **_score(trainer.model, tokenizer, held_out, probes)})
+                merge = {key: metrics[key] for key in ("merge_rel_error_max", "merge_rank")}
+                curve.append({"steps": steps, "round": round_idx,
+                              **_score(trainer.model, tokenizer, held_out, probes), **merge})
 
         args = MoTConfig(num_rounds=rounds, max_steps=steps_per_round, overwrite_output_dir=True,
                          allow_single_teacher=len(branches) == 1, **shared, **variant.get("config", {}))
