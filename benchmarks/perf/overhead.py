@@ -187,6 +187,10 @@ def write_markdown() -> None:
     for name, record in sorted(results.items()):
         if name.startswith("merge"):
             lines += record.get("markdown", [])
+    if "rank_cost" in results:
+        lines += ["## Step time against the merged adapter's rank", "",
+                  f"Command: `{results['rank_cost']['command']}`; table in [rank_cost.md](rank_cost.md): a step of "
+                  "round t against round 1 when the merge is exact (the default), and with `merge_max_rank`.", ""]
     (RESULTS / "perf.md").write_text("\n".join(lines) + "\n")
 
 

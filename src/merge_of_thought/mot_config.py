@@ -50,7 +50,9 @@ class MoTConfig(SFTConfig):
             ``A`` (the data order still differs per branch). Branches with independent inits learn in different
             random subspaces, so their average keeps only part of each; see benchmarks/quality/README.md.
         merge_max_rank (`int`, *optional*): rank budget of the merged delta per layer. Unset keeps it exact (up to
-            `merge_tolerance`); a budget truncates through an SVD of the factors and logs the error it made.
+            `merge_tolerance`), and the frozen merged adapter then grows by up to K*r ranks a round, which every
+            later step pays for in time and memory. A budget (K*r holds every round at the round-2 cost) truncates
+            through an SVD of the factors and logs the error it made (README, "Performance").
         merge_tolerance (`float`, defaults to `1e-4`): each merge may drop singular directions of the merged delta
             whose total Frobenius norm is at most this fraction of the round's update ``|sum_k w_k dW_k|``. It
             keeps the merged rank (and the cost of the frozen adapter in every later step) as small as the data
