@@ -5,7 +5,7 @@ ratios. Evaluation is off in both. The plain run trains T*K*S steps on the union
 T rounds x K branches x S steps. Both keep LoRA adapters in fp32 (MoT does so without bf16; the plain run is given
 the same so the step cost is like for like).
 
-    python benchmarks/perf/overhead.py                 # 70M Qwen3, batch 8, S=50, fp32 and nf4 (~35 min on 2 cores)
+    python benchmarks/perf/overhead.py                 # 70M Qwen3, batch 8, S=50, fp32 and nf4 (~60 min on 2 cores)
     python benchmarks/perf/overhead.py --quick         # tiny model, for a smoke run
 """
 
