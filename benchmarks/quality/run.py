@@ -1,6 +1,6 @@
 """Quality benchmark: MoT vs the best single teacher (STD) vs the union of all teachers (MTD), in miniature.
 
-    python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 3 seeds (~30 min, 2 cores)
+    python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 3 seeds (~40 min, 2 cores)
     python benchmarks/quality/run.py --quick    # 1 seed, 2 rounds x 10 steps (< 5 min)
     python benchmarks/quality/run.py --ablations --seeds 0
 
@@ -193,7 +193,7 @@ def _run_cached(job: Job, setting: Setting, cache: Path) -> dict:
 # Summary: mean +- std over seeds, paired differences, a Markdown report and a plot.
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
 
