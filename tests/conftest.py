@@ -13,12 +13,30 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from merge_of_thought.demo.tokenizer import build_char_tokenizer
+from merge_of_thought.quantization import cpu_repacks_4bit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def pytest_report_header(config):
+    how = "native on this CPU" if cpu_repacks_4bit() else "emulated (this CPU has no AVX512-BF16)"
+    return f"bitsandbytes' AVX512-BF16 4-bit repacking in the tests that ask for it: {how}"
+
+
+@pytest.fixture
+def cpu_4bit_repacking(monkeypatch):
+    """Every ``Linear4bit`` built in the test takes bitsandbytes' AVX512-BF16 CPU inference path, which repacks its
+    weight in place on an eval-mode forward (quantization.py). On a CPU with AVX512-BF16 that is what bitsandbytes
+    does anyway; elsewhere its own per-layer switch is set by making its capability check answer yes (the repack
+    itself is plain torch code and runs on any CPU), so the tests of the guard can fail on every machine."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    if not cpu_repacks_4bit():
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
 
 
 def tiny_config(arch: str, vocab_size: int):

@@ -8,7 +8,8 @@ from merge_of_thought.cli import main
 from merge_of_thought.demo.task import TEACHERS, extract_answer, make_problems, make_teacher_dataset
 
 
-def test_mot_demo_shows_learning(tmp_path, capsys):
+def test_mot_demo_shows_learning(cpu_4bit_repacking, tmp_path, capsys):
+    """On bitsandbytes' AVX512-BF16 path (native or switched on: conftest.py), which broke it before quantization.py."""
     assert main(["demo", "--output-dir", str(tmp_path), "--threads", "2"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]

@@ -31,6 +31,7 @@ from common import RESULTS, Timer, build_student, machine, peak_rss_mb, teacher_
 from merge_of_thought import MoTConfig, MoTTrainer, adapters  # noqa: E402
 from merge_of_thought.checkpointing import RunFolder  # noqa: E402
 from merge_of_thought.merging import merge_round, summarize  # noqa: E402
+from merge_of_thought.quantization import keep_4bit_layout  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -51,7 +52,9 @@ class StepTimer(TrainerCallback):
 def load(model_dir: str, precision: str):
     if precision == "nf4":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant)
+        keep_4bit_layout(model)  # bitsandbytes' CPU repacking breaks training after an eval (quantization.py)
+        return model
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from .merging import LowRankDelta
+from .quantization import keep_4bit_layout
 
 MERGED_ADAPTER = "mot_merged"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -133,9 +134,11 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
     """The frozen base weight of an adapted layer in fp32, dequantized for bitsandbytes 4-bit and 8-bit layers.
 
     Reads the quantized state without touching it: PEFT's ``dequantize_module_weight`` re-assigns an 8-bit weight
-    on the CPU, which drops the scales bitsandbytes moved into ``layer.state`` and breaks the next forward.
+    on the CPU, which drops the scales bitsandbytes moved into ``layer.state`` and breaks the next forward. (A 4-bit
+    weight that bitsandbytes repacked for CPU inference is first brought back to the layout it reads: quantization.py.)
     """
     base = layer.get_base_layer()
+    keep_4bit_layout(base)
     weight = base.weight
     kind = type(weight).__name__
     if kind == "Params4bit":

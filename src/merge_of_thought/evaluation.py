@@ -20,6 +20,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .quantization import keep_4bit_layout
+
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages rendered with the tokenizer's chat template
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -117,6 +119,7 @@ def generate_completions(
 ) -> list[str]:
     """Greedy completions of every prompt (text, or chat messages rendered with ``add_generation_prompt=True``),
     decoded in left-padded batches with a progress bar; ``generate_kwargs`` go to ``model.generate``."""
+    keep_4bit_layout(model)  # an eval-mode forward would repack 4-bit weights on some CPUs (quantization.py)
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly

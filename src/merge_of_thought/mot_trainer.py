@@ -36,7 +36,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, distributed
+from . import adapters, distributed, quantization
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import ResumePoint, RunFolder, atomic_dir, write_json_atomic
 from .data import normalized_weights, validate_teachers
@@ -117,6 +117,7 @@ class MoTTrainer:
             if distributed.model_device_map() is not None:  # under a launcher: this process's GPU only
                 init_kwargs.setdefault("device_map", distributed.model_device_map())
             model = create_model_from_path(model, **init_kwargs)
+        quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         self._layer_dims = adapters.layer_dims(model, adapters.check_targets(model, self.peft_config))
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(
@@ -203,6 +204,7 @@ class MoTTrainer:
     def _train_branch(self, round_idx: int, k: int, teacher: str) -> BranchResult:
         """Train a fresh LoRA branch on one teacher from the current student; return its adapter and metrics."""
         name = f"mot_branch_{k}"
+        quantization.keep_4bit_layout(self.model)  # also after a user's own generate() on trainer.model
         init_seed = self._branch_seed(round_idx, 0 if self.args.shared_branch_init else k)
         self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
         folder = self.run.branch_dir(round_idx, teacher)

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase, Qwen3Config
 
 from ..evaluation import generate_completions
+from ..quantization import keep_4bit_layout
 from .tokenizer import build_char_tokenizer
 
 
@@ -182,6 +183,7 @@ def load_demo_student(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    keep_4bit_layout(model)  # the demo and benchmarks evaluate between rounds (quantization.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
