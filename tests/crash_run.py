@@ -1,6 +1,7 @@
 """A small MoT run for the crash tests, importable in the test and runnable in its own process, which it can kill.
 
     python tests/crash_run.py MODEL_DIR OUTPUT_DIR [--kill-branch ROUND TEACHER STEP | --kill-merge ROUND] [--resume]
+        [--rounds N] [--branch-state fresh|persistent]
 
 ``--kill-branch`` sends SIGKILL to the process at the end of a branch's training step; ``--kill-merge`` right after
 a round's merged adapter weights are written, before the round is recorded as complete.
@@ -64,8 +65,11 @@ def main() -> None:
     parser.add_argument("--kill-branch", nargs=3)
     parser.add_argument("--kill-merge", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--branch-state", default="fresh")
     options = parser.parse_args()
-    trainer = small_run(options.model_dir, options.output_dir)
+    trainer = small_run(options.model_dir, options.output_dir, num_rounds=options.rounds,
+                        branch_state=options.branch_state)
     if options.kill_branch:
         round_idx, teacher, step = options.kill_branch
         trainer.callbacks.append(KillAtStep(int(round_idx), teacher, int(step)))

@@ -51,7 +51,7 @@ _TEMP_MARK = ".tmp-"  # in the names of folders and files still being written; n
 # the learning rate or num_rounds, may change on resume: e.g. a lower learning rate after a diverged branch).
 IDENTITY_FIELDS = (
     "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank",
-    "merge_step_size", "shared_branch_init",
+    "merge_step_size", "shared_branch_init", "branch_state",
 )
 
 
@@ -155,6 +155,10 @@ class RunFolder:
 
     def branch_dir(self, round_idx: int, teacher: str) -> Path:
         return self.round_dir(round_idx) / f"branch-{teacher_slug(teacher)}"
+
+    def optimizer_dir(self, round_idx: int, teacher: str) -> Path:
+        """A persistent branch's optimizer state after ``round_idx`` (written by the process that trains it)."""
+        return self.round_dir(round_idx) / f"optimizer-{teacher_slug(teacher)}"
 
     def merged_dir(self, round_idx: int) -> Path:
         return self.round_dir(round_idx) / "merged"

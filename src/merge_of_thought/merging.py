@@ -166,3 +166,13 @@ def summarize(reports: Mapping[str, MergeReport]) -> dict[str, float]:
         "merge_rel_error_total": dropped / total if total > 0 else 0.0,
         "update_norm": total,
     }
+
+
+def kept_norm(branches: Sequence[Mapping[str, LowRankDelta]], weights: Sequence[float]) -> float:
+    """How much of the branch updates' norm their weighted average keeps: ``|sum_k w_k u_k| / sum_k w_k |u_k|``
+    over all layers (Frobenius). 1 when the branches agree; ``1/sqrt(K)`` for K orthogonal updates of equal norm."""
+    kept = spent = 0.0
+    for name in branches[0]:
+        kept += concatenate([b[name] for b in branches], weights).frobenius_norm() ** 2
+        spent += sum(w * b[name].frobenius_norm() for b, w in zip(branches, weights)) ** 2
+    return math.sqrt(kept / spent) if spent > 0 else 1.0

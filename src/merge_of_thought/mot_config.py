@@ -46,6 +46,11 @@ class MoTConfig(SFTConfig):
             ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
             extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
             ways shrinks the step; see benchmarks/quality/README.md for what it did there).
+        branch_state (`str`, defaults to `"fresh"`): `"fresh"` (the paper) starts every branch of every round from a
+            new LoRA adapter and optimizer. `"persistent"` keeps each teacher's LoRA factors and optimizer state
+            from round to round, re-based onto the student by a frozen offset so it still starts each round exactly
+            at the merged student: no LoRA restart, and with a constant `merge_step_size` the exact merged delta
+            stays at rank K*r (branches.py). The per-round learning-rate schedule still restarts.
         shared_branch_init (`bool`, defaults to `False`): start every branch of a round from the same random LoRA
             ``A`` (the data order still differs per branch). Branches with independent inits learn in different
             random subspaces, so their average keeps only part of each; see benchmarks/quality/README.md.
@@ -89,6 +94,11 @@ class MoTConfig(SFTConfig):
     merge_step_size: float = field(
         default=1.0,
         metadata={"help": "Each round adds merge_step_size x the weighted average of the branch deltas (1 = paper)."},
+    )
+    branch_state: str = field(
+        default="fresh",
+        metadata={"help": "'fresh' (new LoRA + optimizer per round, the paper) or 'persistent' (kept across rounds).",
+                  "choices": ["fresh", "persistent"]},
     )
     shared_branch_init: bool = field(
         default=False, metadata={"help": "Start every branch of a round from the same random LoRA A."}
@@ -162,5 +172,7 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
         if self.answer_match not in ("numeric", "exact"):
             raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
+        if self.branch_state not in ("fresh", "persistent"):
+            raise ValueError(f"branch_state must be 'fresh' or 'persistent', got {self.branch_state!r}.")
         if self.on_branch_divergence not in ("raise", "drop"):
             raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")

@@ -36,14 +36,15 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, distributed, quantization
+from . import adapters, branches, distributed, quantization
+from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import ResumePoint, RunFolder, atomic_dir, write_json_atomic
 from .data import normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
-from .merging import LowRankDelta, merge_round, summarize
+from .merging import LowRankDelta, kept_norm, merge_round, summarize
 from .metrics import MetricsLog
 from .mot_config import MoTConfig
 from .reporting import RoundReporter, logging_root, route_branch_logs
@@ -144,6 +145,10 @@ class MoTTrainer:
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
         self._resume = ResumePoint()
         self._restored: dict[str, dict[str, LowRankDelta] | None] = {}  # finished branches of a resumed round
+        # branch_state="persistent" (branches.py): this process's branches' factors and optimizer state, and every
+        # branch's product P_k after its last round (what the next round's update is measured from)
+        self._branch_states: dict[str, BranchState] = {}
+        self._branch_products: dict[str, dict[str, LowRankDelta]] = {}
 
     # ------------------------------------------------------------------ the algorithm
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, Any]]:
@@ -187,7 +192,8 @@ class MoTTrainer:
             )
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports, teachers, weights)
-            record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports)}
+            record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
+                      "merge_kept_norm": kept_norm(deltas, weights)}  # 1: the branches agree
             self.fire("after_merge", self, round_idx=round_idx, metrics=record)
             record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
             self.metrics.write(record)
@@ -206,7 +212,13 @@ class MoTTrainer:
         name = f"mot_branch_{k}"
         quantization.keep_4bit_layout(self.model)  # also after a user's own generate() on trainer.model
         init_seed = self._branch_seed(round_idx, 0 if self.args.shared_branch_init else k)
+        start = self._branch_states.get(teacher) if self.args.branch_state == "persistent" else None
+        if self.args.branch_state == "persistent" and self.merged is not None:  # train above D_t - P_k: at the student
+            frozen = branches.rebased_offset(self.merged, self._branch_products.get(teacher) if start else None)
+            self.model = adapters.install_merged(self.model, frozen, self.base_model_id, self.peft_config.task_type)
         self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
+        if start is not None:
+            branches.load_factors(self.model, name, start)
         folder = self.run.branch_dir(round_idx, teacher)
         self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
@@ -216,6 +228,7 @@ class MoTTrainer:
             run_name=f"round{round_idx}/{teacher}",
         )
         trainer.add_callback(DivergenceGuard(teacher, round_idx))
+        trainer.add_callback(CarryOptimizerState(start.optimizer if start else None))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
         route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
         start = time.perf_counter()
@@ -226,6 +239,9 @@ class MoTTrainer:
             return self._diverged(error)
         adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
+        if self.args.branch_state == "persistent":
+            self._save_branch_state(round_idx, teacher, BranchState(adapter.state, branches.optimizer_state(
+                trainer.optimizer)))
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         record = {
             "type": "branch",
@@ -377,9 +393,11 @@ class MoTTrainer:
         dropped = [t for t in self.teacher_names if t not in teachers]
         self.run.write_round(round_idx, teachers, weights, reports, self.merged, dropped)
         if not self.args.save_branch_adapters:  # they were checkpoints only; the logs beside them stay
-            for teacher in teachers:
+            # a persistent branch starts its next round from its latest adapter: delete the round before's
+            done = round_idx - 1 if self.args.branch_state == "persistent" else round_idx
+            for teacher in teachers if done >= 1 else ():
                 for file in (adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG):
-                    (self.run.branch_dir(round_idx, teacher) / file).unlink(missing_ok=True)
+                    (self.run.branch_dir(done, teacher) / file).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ checkpoints, resume and divergence
     def _run_info(self) -> dict[str, Any]:
@@ -402,6 +420,7 @@ class MoTTrainer:
             "merge_max_rank": self.args.merge_max_rank,
             "merge_step_size": self.args.merge_step_size,
             "shared_branch_init": self.args.shared_branch_init,
+            "branch_state": self.args.branch_state,
             "seed": self.args.seed,
         }
 
@@ -459,6 +478,8 @@ class MoTTrainer:
         next_round = point.rounds_done + 1
         self._restored = {t: self.run.read_branch(next_round, t) for t in point.branches_done}
         self._restored.update({t: None for t in point.branches_dropped})
+        if self.args.branch_state == "persistent":
+            self._restore_branch_states(point.rounds_done, point.branches_done)
         self._resume = point
         logger.info(
             "Resuming MoT after %d rounds; round %d has %d branches done.", point.rounds_done, next_round,
@@ -494,7 +515,33 @@ class MoTTrainer:
                 "to merge. Lower the learning rate and resume with trainer.train(resume_from_checkpoint=True)."
             )
         scale = 1.0 if len(kept) == len(self.teacher_names) else 1.0 / total
-        return [t for t, _, _ in kept], [d for _, d, _ in kept], [w * scale for _, _, w in kept]
+        deltas = [d for _, d, _ in kept]
+        if self.args.branch_state == "persistent":  # a branch's products P_k^t; its update is P_k^t - P_k^{t-1}
+            deltas = [branches.round_update(d, self._branch_products.get(t)) for t, d, _ in kept]
+            self._branch_products.update({t: d for t, d, _ in kept})
+        return [t for t, _, _ in kept], deltas, [w * scale for _, _, w in kept]
+
+    def _save_branch_state(self, round_idx: int, teacher: str, state: BranchState) -> None:
+        """Keep a persistent branch's factors and optimizer state for its next round; its optimizer state goes to
+        ``round-t/optimizer-<teacher>/`` first, so a branch whose adapter is on disk has it too."""
+        with atomic_dir(self.run.optimizer_dir(round_idx, teacher), f"the optimizer state of {teacher!r}") as tmp:
+            torch.save(state.optimizer, tmp / branches.OPTIMIZER_FILE)
+        self._branch_states[teacher] = state
+
+    def _restore_branch_states(self, rounds_done: int, finished: list[str]) -> None:
+        """Persistent branches after a resume: every branch's last product, and this process's factors and
+        optimizer state, from the latest round folder that holds the branch."""
+        mine = {self.teacher_names[k] for k in self.dist.my_branches(len(self.teacher_names))}
+        for teacher in self.teacher_names:
+            done = [r for r in range(1, rounds_done + 1) if self.run.branch_dir(r, teacher).joinpath(
+                adapters.ADAPTER_WEIGHTS).exists()]  # fmt: skip
+            if done:
+                self._branch_products[teacher] = self.run.read_branch(done[-1], teacher)
+            latest = rounds_done + 1 if teacher in finished else (done[-1] if done else None)
+            if teacher in mine and latest is not None:
+                self._branch_states[teacher] = BranchState.read(
+                    self.run.branch_dir(latest, teacher), self.run.optimizer_dir(latest, teacher)
+                )
 
     # ------------------------------------------------------------------ export and sharing (export.py, hub.py)
     def save_adapter(self, path: str | os.PathLike, rank: int | None = None, base_model_id: str | None = None) -> dict:
