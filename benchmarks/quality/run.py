@@ -50,6 +50,11 @@ class Setting:
         """Steps of one branch path (= the STD and MTD-250 budget)."""
         return self.rounds * self.steps_per_round
 
+    @property
+    def compute_steps(self) -> int:
+        """MoT's total SFT steps (= the MTD-1000 budget)."""
+        return self.path_steps * len(TEACHERS)
+
 
 FULL = Setting()
 QUICK = Setting(rounds=2, steps_per_round=10, held_out=100)
@@ -221,10 +226,11 @@ def summarize(results: list[dict], setting: Setting) -> dict:
                                      for s in seeds]),
         }
 
+    mtd_path, mtd_compute = f"MTD-{setting.path_steps}", f"MTD-{setting.compute_steps}"
     for name, curves in sorted(by_name.items()):
         if name == "MTD":
-            add("MTD-250", curves, setting.path_steps)
-            add("MTD-1000", curves)
+            add(mtd_path, curves, setting.path_steps)
+            add(mtd_compute, curves)
         else:
             add(name, curves)
     std_rows = {name: row for name, row in rows.items() if name.startswith("STD-")}
@@ -232,10 +238,13 @@ def summarize(results: list[dict], setting: Setting) -> dict:
     if std_rows:
         best = max(std_rows, key=lambda name: std_rows[name]["accuracy"]["mean"])
         summary["best_std"] = best
-        if "MoT" in rows:
-            for baseline in (best, "MTD-250", "MTD-1000"):
-                mot, other = rows["MoT"]["accuracy"]["values"], rows[baseline]["accuracy"]["values"]
-                summary.setdefault("mot_minus", {})[baseline] = _mean_std([a - b for a, b in zip(mot, other)])
+        for variant in (name for name in rows if name.startswith("MoT")):
+            key = "mot_minus" if variant == "MoT" else f"{variant}_minus"
+            for baseline in (best, mtd_path, mtd_compute, *(["MoT"] if variant != "MoT" else [])):
+                if baseline not in rows or rows[baseline]["seeds"] != rows[variant]["seeds"]:
+                    continue
+                mot, other = rows[variant]["accuracy"]["values"], rows[baseline]["accuracy"]["values"]
+                summary.setdefault(key, {})[baseline] = _mean_std([a - b for a, b in zip(mot, other)])
     for name, curves in by_name.items():
         if name.startswith("MoT"):
             per_round = {}
@@ -252,30 +261,33 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
-def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float) -> None:
+def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
+                   design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
     seeds = next(iter(summary["methods"].values()))["seeds"]
     cached = summary.get("runs_from_cache", 0)
     timing = f"{wall_seconds / 60:.1f} min on this machine" + (
         f"; {cached} runs were read from the cache of earlier invocations, their own seconds are in the JSON"
         if cached else "")
     lines = [
-        f"# Quality benchmark{' (' + path.stem.split('_', 1)[1] + ')' if '_' in path.stem else ''}",
+        title or f"# Quality benchmark{' (' + path.stem.split('_', 1)[1] + ')' if '_' in path.stem else ''}",
         "",
         f"Command: `{command}` ({timing}). Seeds: {seeds}. Design and findings:",
-        "benchmarks/quality/README.md. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
-        "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
+        f"{design}. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
+        probe or "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
         "",
-        "| method | SFT steps | held-out accuracy | pre-training accuracy | forgetting |",
+        f"| method | SFT steps | held-out accuracy | {'probe score' if probe else 'pre-training accuracy'} "
+        "| forgetting |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, row in summary["methods"].items():
         best = " (best STD)" if name == summary.get("best_std") else ""
         lines.append(f"| {name}{best} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['pretrain_accuracy'])} "
                      f"| {_fmt(row['forgetting'])} |")
-    if "mot_minus" in summary:
-        lines += ["", "MoT minus baseline, paired by seed (held-out accuracy):", ""]
-        for baseline, diff in summary["mot_minus"].items():
+    for key in (k for k in summary if k.endswith("_minus")):
+        variant = "MoT" if key == "mot_minus" else key.removesuffix("_minus")
+        lines += ["", f"{variant} minus baseline, paired by seed (held-out accuracy):", ""]
+        for baseline, diff in summary[key].items():
             lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed: {', '.join(f'{v:+.3f}' for v in diff['values'])})")
     for name, rounds in summary.get("mot_rounds", {}).items():
         lines += ["", f"{name} per round (round 0 = the starting student):", "",

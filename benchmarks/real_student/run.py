@@ -1,0 +1,272 @@
+"""The paper's comparison on a real pretrained student: SmolLM2-135M-Instruct in nf4, MoT against STD and MTD.
+
+    python benchmarks/real_student/run.py                  # CPU protocol: 4 teachers x 5 rounds x 10 steps, 3 seeds
+    python benchmarks/real_student/run.py --seeds 0        # one seed (each run is cached: run more seeds later)
+    python benchmarks/real_student/run.py --steps 50       # the paper's 50 steps per round (a GPU)
+    python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 2 steps, few samples
+
+The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
+benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
+merge_of_thought.baselines, the code path of ``mot train --baseline``), one job per process, cached as JSON in
+``--work-dir`` so an interrupted benchmark resumes. Writes benchmarks/results/real_student{,_quick}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from task import GENERAL_PROMPTS, TEACHERS, held_out_dataset, split, teacher_dataset  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("quality_run", HERE.parent / "quality" / "run.py")
+quality = importlib.util.module_from_spec(_spec)
+sys.modules["quality_run"] = quality
+_spec.loader.exec_module(quality)
+
+RESULTS = HERE.parent / "results"
+PROBE = ("Probe score: minus the mean token NLL of the untrained student's own answers to 20 general questions; "
+         "forgetting: its rise, end minus start (0 = nothing forgotten).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every method shares; only the data and the schedule of steps differ between methods."""
+
+    rounds: int = 5
+    steps_per_round: int = 10
+    train_prompts: int = 200
+    held_out: int = 100
+    learning_rate: float = 5e-4
+    batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_new_tokens: int = 64
+
+    @property
+    def path_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    @property
+    def compute_steps(self) -> int:
+        return self.path_steps * len(TEACHERS)
+
+
+QUICK = Setting(rounds=2, steps_per_round=2, train_prompts=16, held_out=8, max_new_tokens=24)
+
+# (method, variant): MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher,
+# T x S with a fresh branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher.
+METHODS = ("mot", "mot-persistent", "restart-only", "mtd", *(f"std-{t}" for t in TEACHERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.method.startswith("std-"):
+            return f"STD-{self.method[4:]}"
+        return {"mot": "MoT", "mot-persistent": "MoT-persistent", "restart-only": "restart-only", "mtd": "MTD"}[
+            self.method
+        ]
+
+
+def load_student(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from merge_of_thought.quantization import keep_4bit_layout
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4)
+    keep_4bit_layout(model)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def response_nll(model, tokenizer, prompts, responses) -> float:
+    """Mean per-token NLL of ``responses`` to chat ``prompts``: how well the model still says what it said."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for prompt, response in zip(prompts, responses):
+            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(head + response, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            labels = ids.clone()
+            labels[:, : len(head_ids)] = -100
+            n = int((labels != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def reference_answers(folder: str, work: Path, setting: Setting) -> list[str]:
+    """The untrained student's greedy answers to the general prompts (computed once, cached)."""
+    path = work / "general_answers.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from merge_of_thought.evaluation import generate_completions
+
+    model, tokenizer = load_student(folder)
+    prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
+    answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=48,
+                                   disable_tqdm=True)  # fmt: skip
+    quality.write_json_atomic(path, answers)
+    return answers
+
+
+def score(model, tokenizer, held, references, setting: Setting) -> dict:
+    """Held-out accuracy (greedy, final answer after ####) and the NLL of the student's own general answers."""
+    from merge_of_thought.evaluation import generation_accuracy, prompts_and_answers
+
+    prompts, answers = prompts_and_answers(held, len(held), None)
+    result = generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
+                                 max_new_tokens=setting.max_new_tokens, disable_tqdm=True)  # fmt: skip
+    return {"accuracy": result.accuracy,
+            "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS, references),
+            "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
+
+
+def run_job(job: Job, setting: Setting, folder: str, references: list[str], start_point: dict) -> dict:
+    """Train one method for one seed; return its curve of scores (step 0 = the untrained student)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from merge_of_thought import MoTCallback, MoTConfig, MoTTrainer
+    from merge_of_thought.baselines import baseline_run
+    from merge_of_thought.demo.run import quiet
+
+    quiet()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model, tokenizer = load_student(folder)
+    pool, held_problems = split()
+    prompts = random.Random(job.seed).sample(pool, setting.train_prompts)
+    held = held_out_dataset(held_problems[: setting.held_out])
+    data = {t: teacher_dataset(t, prompts, job.seed) for t in TEACHERS}
+    curve = [{"steps": 0, **start_point}]
+    run_dir = tempfile.TemporaryDirectory(prefix="mot-real-")
+    args = MoTConfig(
+        output_dir=run_dir.name, num_rounds=setting.rounds, max_steps=setting.steps_per_round,
+        learning_rate=setting.learning_rate, lr_scheduler_type="constant",
+        per_device_train_batch_size=setting.batch_size,
+        gradient_checkpointing=False, report_to=[], disable_tqdm=True, logging_steps=10**6, seed=job.seed,
+        dataloader_pin_memory=False, overwrite_output_dir=True, assistant_only_loss=False,
+        branch_state="persistent" if job.method == "mot-persistent" else "fresh",
+        allow_single_teacher=job.method == "restart-only",
+    )  # fmt: skip
+    lora = LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")  # fmt: skip
+    if job.method in ("mot", "mot-persistent", "restart-only"):
+        teachers = {"left": data["left"]} if job.method == "restart-only" else data
+        per_round = setting.steps_per_round * len(teachers)
+
+        class ScoreRound(MoTCallback):
+            def on_round_end(self, trainer, round_idx, metrics):
+                keep = {k: metrics[k] for k in ("merge_rank", "merge_kept_norm") if k in metrics}
+                curve.append({"steps": round_idx * per_round, "round": round_idx,
+                              **score(trainer.model, tokenizer, held, references, setting), **keep})  # fmt: skip
+
+        callbacks = [ScoreRound()]
+    else:
+        kind, teacher = ("mtd", None) if job.method == "mtd" else ("std", job.method[4:])
+        teachers, args = baseline_run(kind, data, args, teacher=teacher)
+        every = setting.path_steps
+
+        class ScoreEvery(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % every == 0:
+                    curve.append({"steps": state.global_step, **score(model, tokenizer, held, references, setting)})
+
+        callbacks = [ScoreEvery()]
+    MoTTrainer(model, args=args, teachers=teachers, processing_class=tokenizer, peft_config=lora,
+               callbacks=callbacks).train()  # fmt: skip
+    run_dir.cleanup()
+    return {"job": dataclasses.asdict(job), "name": job.name, "curve": curve, "seconds": time.perf_counter() - start}
+
+
+def summarize(results: list[dict], setting: Setting) -> dict:
+    """The quality benchmark's summary (last round, mean +- std, paired differences), with forgetting measured as
+    the rise of the general-answer NLL (end minus start; higher forgets more)."""
+    for result in results:  # the quality summary reads "pretrain_accuracy"; here it is minus the NLL
+        for point in result["curve"]:
+            point["pretrain_accuracy"] = -point["general_nll"]
+    return quality.summarize(results, setting)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 2 steps, 8 samples")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "real_student"))
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    from merge_of_thought.students import smollm2_135m
+
+    setting = QUICK if args.quick else Setting()
+    if args.steps:
+        setting = dataclasses.replace(setting, steps_per_round=args.steps)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    tag = "quick" if args.quick else f"s{setting.steps_per_round}"
+    work = Path(args.work_dir) / tag
+    work.mkdir(parents=True, exist_ok=True)
+    folder = str(smollm2_135m())
+    start = time.perf_counter()
+    references = reference_answers(folder, work, setting)
+    start_path = work / "untrained.json"  # the untrained student's scores: every curve's step 0
+    if not start_path.exists():
+        model, tokenizer = load_student(folder)
+        held = held_out_dataset(split()[1][: setting.held_out])
+        quality.write_json_atomic(start_path, score(model, tokenizer, held, references, setting))
+    start_point = json.loads(start_path.read_text())
+    jobs = [Job(method, seed) for seed in seeds for method in args.methods]
+    results = []
+    for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores
+        path = work / f"{job.name}-seed{job.seed}.json"
+        if path.exists():
+            result = {**json.loads(path.read_text()), "cached": True}
+        else:
+            result = run_job(job, setting, folder, references, start_point)
+            quality.write_json_atomic(path, result)
+        results.append(result)
+        final = result["curve"][-1]
+        print(f"[{done}/{len(jobs)}] {job.name} seed {job.seed}: accuracy {final['accuracy']:.3f}, general NLL "
+              f"{final['general_nll']:.3f} ({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)",
+              flush=True)  # fmt: skip
+    summary = summarize(results, setting)
+    summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
+                   for r in results), untrained=start_point)  # fmt: skip
+    summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
+                          else sys.argv[1:])).strip()  # fmt: skip
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ("" if setting.steps_per_round == 10 else f"_s{setting.steps_per_round}")
+    (out / f"real_student{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}"
+    quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
+                           title=title, design="benchmarks/real_student/README.md", probe=PROBE)  # fmt: skip
+    quality.plot(results, summary, out / f"real_student{suffix}.png")
+    print((out / f"real_student{suffix}.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

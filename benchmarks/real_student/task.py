@@ -1,0 +1,92 @@
+"""The real-student miniature's task: sums of three two-digit numbers, four teachers, a forgetting probe.
+
+Fixed before any training run (README.md beside this file says why). Everything is chat-formatted for the
+instruct student: the user asks, the assistant reasons and ends with ``#### <n>``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+TEACHERS = ("left", "verbose", "right", "noisy")
+NOISE = 0.35  # share of the noisy teacher's traces with one wrong step (propagated to a wrong answer)
+SPLIT_SEED = 1234  # the train/held-out split of all problems, fixed for every seed
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+    c: int
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b + self.c
+
+    @property
+    def question(self) -> str:
+        return f"What is {self.a} + {self.b} + {self.c}? Think step by step, then give the final answer after ####."
+
+
+def split(held_out: int = 300) -> tuple[list[Problem], list[Problem]]:
+    """(training pool, held-out problems): disjoint, the same for every seed."""
+    rng = random.Random(SPLIT_SEED)
+    seen, problems = set(), []
+    while len(problems) < 6000:
+        p = Problem(rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99))
+        if (p.a, p.b, p.c) not in seen:
+            seen.add((p.a, p.b, p.c))
+            problems.append(p)
+    return problems[held_out:], problems[:held_out]
+
+
+def trace(teacher: str, p: Problem, rng: random.Random) -> str:
+    """One teacher's chain of thought for ``p``; every teacher ends with the same ``#### <n>`` line."""
+    if teacher == "left":  # left to right, terse
+        ab = p.a + p.b
+        return f"{p.a} + {p.b} = {ab}\n{ab} + {p.c} = {ab + p.c}\n#### {p.answer}"
+    if teacher == "verbose":  # the same path, in sentences (longer)
+        ab = p.a + p.b
+        return (f"First I add the first two numbers: {p.a} + {p.b} = {ab}.\nThen I add the last number: "
+                f"{ab} + {p.c} = {ab + p.c}.\nSo the sum is {p.answer}.\n#### {p.answer}")
+    if teacher == "right":  # another path: the last two first (the distribution-shifted teacher)
+        bc = p.b + p.c
+        return f"{p.b} + {p.c} = {bc}\n{p.a} + {bc} = {p.a + bc}\n#### {p.answer}"
+    if teacher == "noisy":  # left to right, but some traces slip in the first step and carry the slip through
+        ab = p.a + p.b
+        if rng.random() < NOISE:
+            ab += rng.choice([-10, -1, 1, 10])
+        return f"{p.a} + {p.b} = {ab}\n{ab} + {p.c} = {ab + p.c}\n#### {ab + p.c}"
+    raise ValueError(f"unknown teacher {teacher!r}")
+
+
+def teacher_dataset(teacher: str, problems: list[Problem], seed: int) -> Dataset:
+    """Conversational prompt-completion rows of one teacher on the given prompts (loss on the completion only)."""
+    rng = random.Random(f"{teacher}-{seed}")
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p.question}],
+         "completion": [{"role": "assistant", "content": trace(teacher, p, rng)}]}
+        for p in problems
+    ])  # fmt: skip
+
+
+def held_out_dataset(problems: list[Problem]) -> Dataset:
+    """Rows MoTConfig's per-round accuracy reads: a ``prompt`` (chat messages) and the ``answer``."""
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}], "answer": str(p.answer)}
+                              for p in problems])  # fmt: skip
+
+
+# What the pretrained student already does: short general questions. Forgetting is measured on the untrained
+# student's own greedy answers to them (its NLL on those answers, end minus start), so it needs no reference data.
+GENERAL_PROMPTS = (
+    "What is the capital of France?", "Name three primary colors.", "What do bees make?",
+    "Translate 'thank you' into Spanish.", "What is the opposite of hot?", "How many days are in a week?",
+    "What gas do plants take in from the air?", "Write one sentence about the sea.", "What is H2O?",
+    "Who wrote Romeo and Juliet?", "What is the largest planet in the solar system?", "Give a synonym for happy.",
+    "What do you call a baby cat?", "What color is the sky on a clear day?", "What is the boiling point of water?",
+    "Name a fruit that is yellow.", "What language is spoken in Brazil?", "What is the freezing point of water?",
+    "How many legs does a spider have?", "What is the main ingredient of bread?",
+)  # fmt: skip

@@ -1,0 +1,68 @@
+"""Equal-compute baselines for a MoT run, trained by MoTTrainer itself: the union of the teachers (MTD) and one
+teacher alone (STD).
+
+A baseline is a one-branch, one-round MoT run of the same student, LoRA, optimizer, learning rate and batch, so it
+writes the same run folder (``round-001/merged`` is its adapter), metrics and model card, and ``mot export`` reads
+it. What differs is the data and the number of steps:
+
+- ``mtd``: the teachers' data sets concatenated and shuffled once (seeded), trained for ``num_rounds * K * max_steps``
+  steps, MoT's total compute (``steps="mot"``), or for ``num_rounds * max_steps``, one branch path (``"path"``).
+- ``std``: one teacher's data set for ``num_rounds * max_steps`` steps (one branch path without restarts) or, with
+  ``steps="mot"``, MoT's total.
+
+The learning-rate schedule spans the whole baseline run (MoT restarts it every round), as in a plain SFT run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from datasets import Dataset, concatenate_datasets
+
+from .mot_config import MoTConfig
+
+BASELINES = ("mtd", "std")
+BASELINE_STEPS = ("mot", "path")
+UNION = "union"
+
+
+def baseline_steps(args: MoTConfig, n_teachers: int, steps: str) -> int:
+    """SFT steps of a baseline: MoT's total compute (``"mot"``) or one branch path (``"path"``)."""
+    if steps not in BASELINE_STEPS:
+        raise ValueError(f"baseline steps must be one of {BASELINE_STEPS}, got {steps!r}.")
+    path = args.num_rounds * args.max_steps
+    return path * n_teachers if steps == "mot" else path
+
+
+def baseline_run(
+    kind: str,
+    teachers: Mapping[str, Dataset],
+    args: MoTConfig,
+    teacher: str | None = None,
+    steps: str | None = None,
+) -> tuple[dict[str, Dataset], MoTConfig]:
+    """The one-branch teachers and the config that make ``args``'s run into a baseline (see the module doc).
+
+    ``steps`` defaults to ``"mot"`` for MTD and ``"path"`` for STD. ``teacher`` (STD only) names the teacher; a run
+    with one teacher needs no name.
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}.")
+    if kind == "mtd":
+        if teacher is not None:
+            raise ValueError("baseline 'mtd' trains on every teacher's data; baseline_teacher is for 'std'.")
+        data = {UNION: concatenate_datasets(list(teachers.values())).shuffle(seed=args.seed)}
+    else:
+        if teacher is None and len(teachers) == 1:
+            teacher = next(iter(teachers))
+        if teacher not in teachers:
+            raise ValueError(
+                f"baseline 'std' needs baseline_teacher, one of {', '.join(teachers)}; got {teacher!r}."
+            )
+        data = {teacher: teachers[teacher]}
+    total = baseline_steps(args, len(teachers), steps or ("mot" if kind == "mtd" else "path"))
+    config = dataclasses.replace(
+        args, num_rounds=1, max_steps=total, allow_single_teacher=True, teacher_weights=None, branch_state="fresh"
+    )
+    return data, config
