@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import merge_of_thought
 from merge_of_thought.cli import main
 from merge_of_thought.scripts.train import make_parser
 
@@ -100,3 +105,25 @@ def test_tiny_example_config_runs(tmp_path, monkeypatch):
     assert json.loads((out / "mot_run.json").read_text())["teachers"] == ["left-to-right", "commuted", "verbal"]
     assert (out / "adapter_model.safetensors").exists()  # the student, written by save_model
     assert list((out / "runs" / "round-001" / "verbal").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------- no library noise
+def test_mot_help_loads_no_library(tmp_path):
+    src = Path(merge_of_thought.__file__).parents[1]
+    code = "import sys; from merge_of_thought.cli import main; main(['--help']); print(sorted(set(sys.modules) & " \
+        "{'torch', 'transformers', 'trl', 'peft', 'bitsandbytes'}))"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(src)),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]") and result.stderr == "", result.stderr
+    assert "usage: mot <command>" in result.stdout
+
+
+def test_the_bitsandbytes_kernels_notice_alone_is_dropped(caplog):
+    from merge_of_thought import library_noise
+
+    logger = logging.getLogger(library_noise.BNB_CPU_LOGGER)  # bitsandbytes' own logger, as it logs at import
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    assert "kernels-community" not in caplog.text and "some other bitsandbytes warning" in caplog.text
