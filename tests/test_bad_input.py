@@ -111,4 +111,5 @@ def test_a_peft_model_is_refused(qwen3_dir, tmp_path):
 def test_config_defaults_suit_the_cpu(tmp_path):
     config = MoTConfig(output_dir=str(tmp_path))
     assert config.bf16 is False  # this machine has no GPU
+    assert config.dataloader_pin_memory is False  # pinning needs a GPU (torch would warn in every branch)
     assert config.max_steps == 50 and config.num_rounds == 5

@@ -20,6 +20,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from .library_noise import peft_checkpointing_alias
 from .merging import LowRankDelta
 from .quantization import keep_4bit_layout
 
@@ -107,7 +108,8 @@ def add_branch_adapter(
     if isinstance(model, PeftModel):
         model.add_adapter(name, peft_config)
     else:
-        model = get_peft_model(model, peft_config, adapter_name=name)
+        with peft_checkpointing_alias():
+            model = get_peft_model(model, peft_config, adapter_name=name)
     _activate(model, trainable=name)
     return model
 

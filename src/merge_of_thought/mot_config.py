@@ -27,6 +27,20 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
+def _read_checkpointing_alias(config: SFTConfig) -> None:
+    """Take ``gradient_checkpointing`` (TRL's documented key, True by default) as ``activation_checkpointing``.
+
+    transformers 5 renamed it and warns about the old name whenever the new one is unset, which with TRL's default
+    is every config; setting the new name from the old one keeps both keys working without that FutureWarning.
+    """
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if getattr(config, new, "absent") is None and getattr(config, old, None) is not None:
+            setattr(config, new, getattr(config, old))
+
+
 @dataclass
 class MoTConfig(SFTConfig):
     r"""
@@ -37,6 +51,10 @@ class MoTConfig(SFTConfig):
         max_steps (`int`, defaults to `50`): SFT steps per branch per round.
         bf16 (`bool` or `None`): as in TRL, except that on a machine without a GPU it defaults to `False`: bf16
             autocast on a CPU without native bf16 ran TRL's SFT steps 70x slower than fp32 here.
+        dataloader_pin_memory (`bool`): `False` on a machine without a GPU, where pinning does nothing (and torch
+            warns about it in every branch).
+        gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
+            `activation_checkpointing` (its new name), so either key works without transformers' FutureWarning.
 
     MoT parameters:
         num_rounds (`int`, defaults to `5`): rounds of branch-train-merge.
@@ -148,6 +166,9 @@ class MoTConfig(SFTConfig):
                 "bf16=True on a CPU without native bf16: SFT steps can run ~70x slower than with bf16=False.",
                 stacklevel=3,
             )
+        if self.use_cpu or not _has_accelerator():
+            self.dataloader_pin_memory = False  # pinned memory needs a GPU; torch warns in every branch otherwise
+        _read_checkpointing_alias(self)
         if isinstance(self.teacher_weights, str):
             self.teacher_weights = json.loads(self.teacher_weights)
         super().__post_init__()

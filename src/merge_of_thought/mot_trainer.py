@@ -286,6 +286,7 @@ class MoTTrainer:
         """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints."""
         fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
         fields.update(save_strategy="no", push_to_hub=False, eval_strategy="no", load_best_model_at_end=False)
+        fields.update(model_init_kwargs=None)  # the model is loaded already: TRL would warn that it ignores them
         fields.update(overrides)
         trainer = SFTTrainer(
             model=self.model,
@@ -356,7 +357,7 @@ class MoTTrainer:
         trainer = self._sft_trainer(
             train_dataset=self.datasets[self.teacher_names[0]],
             eval_dataset=self._eval_tokenized if self._eval_tokenized is not None else self.eval_dataset,
-            output_dir=str(self.run.root / "eval"),
+            output_dir=str(self.run.root),  # evaluate() writes nothing there; an eval/ folder would stay empty
             report_to=[],
         )
         self._eval_tokenized = trainer.eval_dataset  # tokenized once; the raw rows stay for generation
