@@ -20,6 +20,31 @@ from merge_of_thought.scripts.train import make_parser
 
 from conftest import make_teacher
 
+MISSING_MODEL = "/nonexistent/model/that/must/not/be/loaded"
+
+
+def write_config(tmp_path: Path, teachers: list[dict] | None = None, **values) -> Path:
+    """A two-teacher `mot train` YAML on local JSONL files; ``values`` override or add keys."""
+    if teachers is None:
+        teachers = []
+        for k in range(2):
+            path = tmp_path / f"t{k}.jsonl"
+            make_teacher(k, n=8, seed=k).to_json(str(path))
+            teachers.append({"teacher": f"t{k}", "path": "json", "data_files": str(path)})
+    config = dict(model_name_or_path=MISSING_MODEL, teachers=teachers, lora_r=4, lora_alpha=8, num_rounds=1,
+                  max_steps=1, report_to="none", output_dir=str(tmp_path / "out"))  # fmt: skip
+    config.update(values)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "cfg.yaml"
+
+
+def mot_error(capsys, *argv: str, code: int = 2) -> str:
+    """Run a command that must fail; return its stderr (one `mot: error:` line unless --verbose)."""
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    assert info.value.code == code
+    return capsys.readouterr().err
+
 
 def test_mot_help_lists_commands(capsys):
     assert main(["--help"]) == 0
@@ -113,6 +138,25 @@ def test_tiny_example_config_runs_without_library_noise(tmp_path, monkeypatch, c
     assert json.loads((out / "mot_run.json").read_text())["teachers"] == ["left-to-right", "commuted", "verbal"]
     assert (out / "adapter_model.safetensors").exists()  # the student, written by save_model
     assert list((out / "runs" / "round-001" / "verbal").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------- errors, one line each
+def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
+    cfg = write_config(tmp_path, num_rounds=0)
+    err = mot_error(capsys, "train", "--config", str(cfg))
+    lines = [line for line in err.splitlines() if line.startswith("mot: error:")]
+    assert lines == ["mot: error: num_rounds must be at least 1, got 0."] and "Traceback" not in err
+    err = mot_error(capsys, "train", "--config", str(cfg), "--verbose")
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith("num_rounds must be at least 1, got 0.")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a-file").write_text("")  # not bad input but a failure (exit 1): one line and where to see more
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path, output_dir=str(tmp_path / "a-file" / "o"))),
+                    code=1)  # fmt: skip
+    assert "mot: error: output_dir '" in err and "is not writable" in err and "Traceback" not in err
+    assert err.rstrip().endswith("mot: run the command again with --verbose for the traceback.")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--verbose" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- no library noise

@@ -205,9 +205,11 @@ def test_mot_export_from_the_run_folder(trained, qwen3_dir, tmp_path, capsys):
     name = next(iter(trained.merged))
     expected = base[f"{name}.weight"] + trained.merged[name].dense()  # the merged export is exact, not rank 2
     assert torch.allclose(merged[f"{name}.weight"], expected, atol=1e-6)
-    with pytest.raises(SystemExit):
+    capsys.readouterr()  # the loads' progress bars
+    with pytest.raises(SystemExit) as info:
         main(["export", run_dir, "--adapter", str(tmp_path / "x"), "--round", "7"])
-    assert "round 7 is not complete" in capsys.readouterr().err
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"mot: error: round 7 is not complete in {run_dir}; completed rounds: [1, 2].\n"
 
 
 def test_merged_export_of_a_4bit_student_uses_the_unquantized_base(qwen3_dir, tmp_path):

@@ -285,7 +285,7 @@ def test_disk_full_mid_run_loses_nothing_and_resumes(reference, qwen3_dir, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- the command line
-def test_mot_train_resume(qwen3_dir, tmp_path):
+def test_mot_train_resume(qwen3_dir, tmp_path, capsys):
     teachers = []
     for k in range(2):
         make_teacher(k, n=8, seed=k).to_json(str(tmp_path / f"t{k}.jsonl"))
@@ -304,8 +304,11 @@ def test_mot_train_resume(qwen3_dir, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     train = ["train", "--config", str(tmp_path / "cfg.yaml")]
     assert cli_main(train) == 0
-    with pytest.raises(ValueError, match="already holds a MoT run"):
+    with pytest.raises(SystemExit) as refused:
         cli_main([*train, "--num_rounds", "2"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "mot: error: output_dir '" in err and "already holds a MoT run" in err and "Traceback" not in err
     assert cli_main([*train, "--num_rounds", "2", "--resume"]) == 0
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
     lines = metrics(tmp_path / "out")

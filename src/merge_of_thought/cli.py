@@ -21,7 +21,8 @@ def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: mot <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    lines += ["", "Run 'mot <command> --help' for a command's options."]
+    lines += ["", "Run 'mot <command> --help' for a command's options. Every command takes --verbose: on an error it"]
+    lines += ["prints the full traceback, not just the one-line message."]
     return "\n".join(lines)
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"merge-of-thought {__version__}")
         return 0
+    if argv[0] == "--verbose":  # `mot --verbose train ...` means `mot train ... --verbose`
+        argv = [*argv[1:], "--verbose"]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mot: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

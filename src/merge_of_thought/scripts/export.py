@@ -14,6 +14,7 @@ import argparse
 
 from ..export import FinishedRun, export_run
 from ..hub import push_folder
+from .console import add_verbose_flag, run_command
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def make_parser(prog: str | None = "mot export") -> argparse.ArgumentParser:
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the base model's own code.")
     add_hub_arguments(parser)
+    add_verbose_flag(parser)
     return parser
 
 
@@ -48,17 +50,9 @@ def push(args: argparse.Namespace, folders: list[str]) -> None:
         print(f"uploaded {folder} to {getattr(info, 'commit_url', args.push_to_hub)}")
 
 
-def run_reporting_errors(parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
-    """Parse ``argv`` and call ``run(parser, args)``; bad input exits with the message and status 2, no traceback."""
-    args = parser.parse_args(argv)
-    try:
-        return run(parser, args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors(make_parser(), run, argv)
+    parser = make_parser()
+    return run_command(lambda rest: run(parser, parser.parse_args(rest)), argv)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import combine, export, hub
-from .export import add_hub_arguments, push, run_reporting_errors
+from .console import add_verbose_flag, run_command
+from .export import add_hub_arguments, push
 
 
 def make_parser(prog: str | None = "mot merge") -> argparse.ArgumentParser:
@@ -42,11 +43,13 @@ def make_parser(prog: str | None = "mot merge") -> argparse.ArgumentParser:
     parser.add_argument("--allow-pickle", action="store_true", help="Read adapter_model.bin (pickle) adapters.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the base model's own code.")
     add_hub_arguments(parser)
+    add_verbose_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors(make_parser(), run, argv)
+    parser = make_parser()
+    return run_command(lambda rest: run(parser, parser.parse_args(rest)), argv)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

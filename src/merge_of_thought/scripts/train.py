@@ -8,12 +8,13 @@ TRL's ``datasets:`` and ``dataset_name`` are refused with a pointer to ``teacher
 
     mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
 
-After a crash, ``mot train --config ... --resume`` continues the run in ``output_dir`` after its last completed
-branch (``--resume_from_checkpoint true`` does the same).
+After a crash, Ctrl-C or SIGTERM, ``mot train --config ... --resume`` continues the run in ``output_dir`` after
+its last completed branch (``--resume_from_checkpoint true`` does the same).
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from trl.scripts.utils import DatasetConfig
 from ..hub import is_local_path
 from ..data import load_spec, load_teachers, teacher_name
 from ..mot_config import MoTConfig
+from .console import VERBOSE_FLAG, run_command
 
 
 @dataclass
@@ -78,18 +80,29 @@ def hub_dataset_id(spec: DatasetConfig) -> str | None:
 
 
 def make_parser(prog: str | None = "mot train") -> TrlParser:
-    return TrlParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog)
+    epilog = f"{VERBOSE_FLAG}: on an error, print the full traceback as well as the one-line message."
+    return TrlParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(train, argv, on_interrupt=resume_hint)
+
+
+def resume_hint(argv: list[str]) -> str:
+    """What Ctrl-C or SIGTERM prints: the command that continues the run."""
+    command = ["mot", "train", *argv, *([] if "--resume" in argv else ["--resume"])]
+    return f"Completed branches are saved; `{shlex.join(command)}` continues from the last completed branch."
+
+
+def train(argv: list[str]) -> int:
     from ..mot_trainer import DEFAULT_LORA, MoTTrainer
     from peft import LoraConfig
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     if not model_args.model_name_or_path:
-        raise SystemExit("mot train: model_name_or_path is required (in the YAML or as --model_name_or_path).")
+        raise ValueError("model_name_or_path is required (in the YAML or as --model_name_or_path).")
     if not script_args.teachers:
-        raise SystemExit("mot train: the config names no teachers (a 'teachers:' list of data set specs).")
+        raise ValueError("the config names no teachers (a 'teachers:' list of data set specs).")
     training_args.model_init_kwargs = dict(
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
