@@ -32,6 +32,7 @@ from crash_run import small_run
 from helpers import dense_adapter, quick_lora, quick_trainer
 
 TESTS = Path(__file__).parent
+MISSING_MODEL = "/nonexistent/model/that/must/not/be/loaded"
 FINAL = Path("round-002") / "merged"
 
 
@@ -183,6 +184,17 @@ def test_new_run_in_a_used_folder_needs_overwrite(reference, qwen3_dir, tmp_path
         small_run(qwen3_dir, reference).train()
     with pytest.raises(ValueError, match="no MoT run found in that folder"):
         small_run(qwen3_dir, reference).train(resume_from_checkpoint=str(tmp_path))
+    # Asked for in args, a resume is checked in MoTTrainer(...), before the model is loaded (this path is missing).
+    with pytest.raises(ValueError, match="no MoT run found in that folder"):
+        small_run(MISSING_MODEL, reference, resume_from_checkpoint=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"Cannot resume the MoT run in .*\n  base_model: on disk"):
+        small_run(MISSING_MODEL, reference, resume_from_checkpoint="true")
+    # A run that stopped before completing any branch (here: only its mot_run.json) has nothing to lose.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(reference / "mot_run.json", stopped)
+    small_run(qwen3_dir, stopped, num_rounds=1, max_steps=1).train()
+    assert RunFolder(stopped).completed_rounds() == [1]
     folder = tmp_path / "run"
     shutil.copytree(reference, folder)
     small_run(qwen3_dir, folder, num_rounds=1, max_steps=1, overwrite_output_dir=True).train()
@@ -304,11 +316,13 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     train = ["train", "--config", str(tmp_path / "cfg.yaml")]
     assert cli_main(train) == 0
+    # Refused before the teachers' data and the model are loaded (this model path does not exist), as one line.
     with pytest.raises(SystemExit) as refused:
-        cli_main([*train, "--num_rounds", "2"])
+        cli_main([*train, "--num_rounds", "2", "--model_name_or_path", "/nonexistent/model"])
     assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert "mot: error: output_dir '" in err and "already holds a MoT run" in err and "Traceback" not in err
+    assert "mot: error: output_dir '" in err and "already holds a MoT run (1 round completed)" in err
+    assert "Traceback" not in err
     assert cli_main([*train, "--num_rounds", "2", "--resume"]) == 0
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
     lines = metrics(tmp_path / "out")

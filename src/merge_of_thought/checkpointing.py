@@ -223,6 +223,30 @@ class RunFolder:
         """Whether a MoT run already wrote here."""
         return (self.root / RUN_FILE).exists() or any(self.root.glob("round-*"))
 
+    def progress(self) -> tuple[int, int]:
+        """``(completed rounds, finished or dropped branches)`` on disk, whatever the teachers are called."""
+        rounds = len(self.completed_rounds())
+        branches = len(list(self.root.glob(f"round-*/branch-*/{ADAPTER_WEIGHTS}")))
+        return rounds, branches + len(list(self.root.glob("round-*/dropped-*.json")))
+
+    def check_new_run(self) -> None:
+        """Refuse to start a new run over one that completed a branch (unless overwrite_output_dir is set).
+
+        A run that stopped before completing any branch (an error in its first branch or evaluation) has nothing to
+        lose: the new run replaces it, so the corrected command works as it was typed.
+        """
+        if not self.has_run():
+            return
+        rounds, branches = self.progress()
+        if rounds == branches == 0:
+            return
+        done = f"{plural(rounds, 'round')} completed" if rounds else f"{plural(branches, 'branch')} of round 1 done"
+        raise ValueError(
+            f"output_dir {str(self.root)!r} already holds a MoT run ({done}). Resume it with "
+            "trainer.train(resume_from_checkpoint=True) (`mot train --resume`), choose another output_dir, or set "
+            "overwrite_output_dir=True to replace it."
+        )
+
     def resume_point(self, teachers: Sequence[str]) -> ResumePoint:
         """How far the run on disk got: its completed rounds, then the finished branches of the round after them."""
         done, rounds = 0, set(self.completed_rounds())
@@ -326,6 +350,24 @@ class ResumePoint:
 
     def branches_finished(self, n_teachers: int) -> int:
         return self.rounds_done * n_teachers + len(self.branches_done) + len(self.branches_dropped)
+
+
+def resume_target(value: bool | str | os.PathLike | None) -> bool | str:
+    """``resume_from_checkpoint`` as MoT reads it: False (a new run), True (the run in output_dir) or a run folder.
+
+    Takes what TRL scripts pass through: booleans, None, and the strings "true"/"false" of a command line.
+    """
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = os.fspath(value)
+    if text.strip().lower() in ("true", "false", ""):
+        return text.strip().lower() == "true"
+    return text
+
+
+def plural(n: int, word: str) -> str:
+    """``1 round``, ``2 rounds``, ``1 branch``, ``3 branches``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
 
 
 def _mb(n: int) -> str:

@@ -39,7 +39,7 @@ from trl.trainer.utils import create_model_from_path
 from . import adapters, branches, distributed, quantization
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import ResumePoint, RunFolder, atomic_dir, write_json_atomic
+from .checkpointing import ResumePoint, RunFolder, atomic_dir, resume_target, write_json_atomic
 from .data import normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
@@ -110,6 +110,11 @@ class MoTTrainer:
         self.run = RunFolder(self.args.output_dir)
         self.run.check_writable()
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
+        self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
+        self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
+        self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
+        if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
+            self._check_start(self.args.resume_from_checkpoint)
         if isinstance(model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
@@ -140,9 +145,6 @@ class MoTTrainer:
         self.formatting_func = formatting_func
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.merged: dict[str, LowRankDelta] | None = None
-        self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
-        self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
-        self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
         self._resume = ResumePoint()
         self._restored: dict[str, dict[str, LowRankDelta] | None] = {}  # finished branches of a resumed round
         # branch_state="persistent" (branches.py): this process's branches' factors and optimizer state, and every
@@ -425,32 +427,40 @@ class MoTTrainer:
             "seed": self.args.seed,
         }
 
-    def _start_run(self, resume: bool | str | os.PathLike | None) -> list[dict[str, Any]]:
-        """Check the output folder, then start a new run in it or restore the one it holds; return past rounds."""
-        resume = self.args.resume_from_checkpoint if resume is None else resume
-        if isinstance(resume, str) and resume.lower() in ("true", "false", ""):
-            resume = resume.lower() == "true"
-        if resume and not isinstance(resume, bool):  # a folder: the run to continue, and where it goes on
-            self.run = RunFolder(resume)
-            self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
-            if not self.run.has_run():
-                raise ValueError(f"resume_from_checkpoint={str(resume)!r}: no MoT run found in that folder.")
-            self.run.check_writable()  # __init__ checked output_dir; this run goes on in another folder
-        info, main_process = self._run_info(), self.dist.is_main
-        self._resume = ResumePoint()
+    def _check_start(self, resume: bool | str | os.PathLike | None) -> bool:
+        """Check the output folder for a resume or a new run, writing nothing; return whether a run is restored.
+
+        Runs in ``__init__`` too, before the model is loaded, when ``args.resume_from_checkpoint`` asks to resume.
+        """
+        resume = resume_target(resume)
+        if isinstance(resume, str):  # a folder: the run to continue, and where it goes on
+            if not RunFolder(resume).has_run():
+                raise ValueError(f"resume_from_checkpoint={resume!r}: no MoT run found in that folder.")
+            if self.run.root != Path(resume):
+                self.run = RunFolder(resume)
+                self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
+                self.run.check_writable()  # __init__ checked output_dir; this run goes on in another folder
         restore = bool(resume) and self.run.has_run()
         if restore:
-            self.run.check_identity(info)
-        elif self.run.has_run() and not self.args.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {str(self.run.root)!r} already holds a MoT run. Resume it with "
-                "trainer.train(resume_from_checkpoint=True) (`mot train --resume`), choose another output_dir, or "
-                "set overwrite_output_dir=True to replace it."
-            )
+            self.run.check_identity(self._run_info())
+        elif resume:
+            logger.info("No MoT run in %s to resume yet: starting a new one.", self.run.root)
+        elif not self.args.overwrite_output_dir:
+            self.run.check_new_run()
+        return restore
+
+    def _start_run(self, resume: bool | str | os.PathLike | None) -> list[dict[str, Any]]:
+        """Check the output folder, then start a new run in it or restore the one it holds; return past rounds."""
+        restore = self._check_start(self.args.resume_from_checkpoint if resume is None else resume)
+        info, main_process = self._run_info(), self.dist.is_main
+        self._resume = ResumePoint()
         self.dist.barrier()  # every process has read the folder before process 0 changes it
         if restore:
             self._restore(self.run.resume_point(self.teacher_names))
         elif main_process:
+            if self.run.has_run():
+                why = "overwrite_output_dir=True" if self.args.overwrite_output_dir else "it completed no branch"
+                logger.info("A new MoT run replaces the one in %s (%s).", self.run.root, why)
             self.run.clear()
         if main_process:
             rank = max([self.peft_config.r, *(self.peft_config.rank_pattern or {}).values()])

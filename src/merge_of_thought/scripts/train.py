@@ -21,8 +21,9 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 from trl.scripts.utils import DatasetConfig
 
-from ..hub import is_local_path
+from ..checkpointing import RunFolder, resume_target
 from ..data import load_spec, load_teachers, teacher_name
+from ..hub import is_local_path
 from ..mot_config import MoTConfig
 from .console import VERBOSE_FLAG, run_command
 
@@ -103,6 +104,10 @@ def train(argv: list[str]) -> int:
         raise ValueError("model_name_or_path is required (in the YAML or as --model_name_or_path).")
     if not script_args.teachers:
         raise ValueError("the config names no teachers (a 'teachers:' list of data set specs).")
+    if script_args.resume and not resume_target(training_args.resume_from_checkpoint):
+        training_args.resume_from_checkpoint = "true"  # MoTTrainer checks the run on disk before loading the model
+    if not resume_target(training_args.resume_from_checkpoint) and not training_args.overwrite_output_dir:
+        RunFolder(training_args.output_dir).check_new_run()  # before the data sets and the model are loaded
     training_args.model_init_kwargs = dict(
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
@@ -128,7 +133,7 @@ def train(argv: list[str]) -> int:
         eval_dataset=eval_dataset,
     )
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
-    trainer.train(resume_from_checkpoint=True if script_args.resume else None)
+    trainer.train()  # resumes when args.resume_from_checkpoint says so (--resume sets it)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"MoT finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
     trainer.end()
