@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from datasets import Dataset
 from peft import IA3Config, LoraConfig, PrefixTuningConfig
@@ -113,3 +115,34 @@ def test_config_defaults_suit_the_cpu(tmp_path):
     assert config.bf16 is False  # this machine has no GPU
     assert config.dataloader_pin_memory is False  # pinning needs a GPU (torch would warn in every branch)
     assert config.max_steps == 50 and config.num_rounds == 5
+
+
+def chat_teacher(n: int = 4) -> Dataset:
+    return Dataset.from_list(
+        [{"messages": [{"role": "user", "content": f"{k}+1"}, {"role": "assistant", "content": f"{k + 1}"}]}
+         for k in range(n)]
+    )  # fmt: skip
+
+
+def test_chat_format_problems_fail_before_the_model_is_loaded(tokenizer, tmp_path):
+    """What TRL would raise in the first branch or the round-0 evaluation, after the model had loaded."""
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    chat = {"a": chat_teacher(), "b": chat_teacher()}
+
+    def build_with(tok, teachers, **config):
+        args = quick_config(tmp_path, **config)
+        return MoTTrainer(MISSING_MODEL, args=args, teachers=teachers, processing_class=tok, peft_config=quick_lora())
+
+    with pytest.raises(ValueError, match=r"assistant_only_loss=True: the chat template of .* no \{% generation %\}"):
+        build_with(plain, chat, assistant_only_loss=True)
+    with pytest.raises(ValueError, match="assistant_only_loss=True needs conversational data.*teacher 'b'"):
+        build_with(tokenizer, {"a": chat_teacher(), "b": make_teacher(1)}, assistant_only_loss=True)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="teacher 'a' is conversational .* has no chat template"):
+        build_with(plain, chat)
+    assert not any(tmp_path.iterdir())  # nothing written (the folder itself is the writability probe's)
+    # With markers, or a template given as chat_template_path, the check passes and the model is the next step.
+    (tmp_path / "template.jinja").write_text(tokenizer.chat_template)
+    with pytest.raises(OSError, match="must/not/be/loaded"):
+        build_with(plain, chat, assistant_only_loss=True, chat_template_path=str(tmp_path / "template.jinja"))

@@ -159,6 +159,29 @@ def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
     assert "--verbose" in capsys.readouterr().out
 
 
+NO_MARKERS = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}\n{% endfor %}"
+
+
+def test_assistant_only_loss_needs_generation_markers_before_the_model_loads(tokenizer, tmp_path, capsys):
+    """The issue's SmolLM2 case: a chat template without {% generation %} markers that TRL cannot patch."""
+    folder = tmp_path / "tokenizer-only"  # a tokenizer and no model weights: loading the model would fail
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(NO_MARKERS)
+    rows = [{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}] * 4
+    teachers = []
+    for k in range(2):
+        (tmp_path / f"chat{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        teachers.append({"teacher": f"c{k}", "path": "json", "data_files": str(tmp_path / f"chat{k}.jsonl")})
+    cfg = write_config(tmp_path, teachers=teachers, model_name_or_path=str(folder), assistant_only_loss=True)
+    err = mot_error(capsys, "train", "--config", str(cfg))
+    assert f"mot: error: assistant_only_loss=True: the chat template of '{folder}' has no {{% generation %}}" in err
+    assert "chat_template_path" in err and "assistant_only_loss=False" in err
+    assert not (tmp_path / "out" / "mot_run.json").exists() and not any((tmp_path / "out").iterdir())
+    (folder / "chat_template.jinja").unlink()  # no template at all: conversational data cannot be tokenized
+    err = mot_error(capsys, "train", "--config", str(cfg), "--assistant_only_loss", "false")
+    assert "teacher 'c0' is conversational ('messages'), but the tokenizer of" in err and "has no chat template" in err
+
+
 # ---------------------------------------------------------------------------------------------- no library noise
 def test_mot_help_loads_no_library(tmp_path):
     src = Path(merge_of_thought.__file__).parents[1]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from datasets import Dataset, IterableDataset
@@ -62,6 +63,61 @@ def validate_teachers(
                 f"(conversational), 'prompt' and 'completion', or {text_field!r} (plain text), or pass a "
                 "formatting_func."
             )
+
+
+def check_chat_format(
+    teachers: Mapping[str, Dataset],
+    tokenizer: Any,
+    assistant_only_loss: bool = False,
+    chat_template_path: str | None = None,
+    formatting_func: Callable | None = None,
+) -> None:
+    """Fail before the model loads where TRL's SFTTrainer would fail in the first branch or evaluation.
+
+    Conversational teachers need a chat template; ``assistant_only_loss`` needs conversational teachers and a
+    template with ``{% generation %}`` markers, or one TRL knows a training version of
+    (``trl.chat_template_utils.get_training_chat_template``).
+    """
+    if formatting_func is not None:  # TRL formats the rows first; what comes out is not known before it runs
+        return
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.data_utils import is_conversational
+
+    chat = [name for name, dataset in teachers.items() if is_conversational(dataset[0])]
+    if assistant_only_loss and len(chat) < len(teachers):
+        other = next(name for name in teachers if name not in chat)
+        raise ValueError(
+            f"assistant_only_loss=True needs conversational data ('messages'), but teacher {other!r} has the columns "
+            f"{teachers[other].column_names}. For prompt/completion data use completion_only_loss instead."
+        )
+    if not chat:
+        return
+    template = getattr(tokenizer, "chat_template", None)
+    if chat_template_path is not None:
+        if not str(chat_template_path).endswith((".jinja", ".j2")):
+            return  # TRL clones the template of another tokenizer into the model: known only once it is loaded
+        template = Path(chat_template_path).read_text(encoding="utf-8")
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    if template is None:
+        raise ValueError(
+            f"teacher {chat[0]!r} is conversational ('messages'), but the tokenizer of {name!r} has no chat "
+            "template. Set chat_template_path (a .jinja file, or a tokenizer to copy the template from) or pass a "
+            "processing_class that has one."
+        )
+    if not assistant_only_loss or has_generation_markers(template):
+        return
+    patched = copy.copy(tokenizer)  # TRL reads the template off the tokenizer; the user's stays as it is
+    patched.chat_template = template
+    try:
+        get_training_chat_template(patched)
+    except ValueError:
+        raise ValueError(
+            f"assistant_only_loss=True: the chat template of {name!r} has no {{% generation %}} markers, and TRL "
+            "has no training version of it, so TRL could not tell the assistant's tokens from the rest. Mark the "
+            "assistant's content with {% generation %}...{% endgeneration %} in a copy of the template and pass it "
+            "as chat_template_path (see https://huggingface.co/docs/trl/chat_templates), or set "
+            "assistant_only_loss=False."
+        ) from None
 
 
 def normalized_weights(

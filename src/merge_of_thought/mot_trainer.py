@@ -40,7 +40,7 @@ from . import adapters, branches, distributed, quantization
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import ResumePoint, RunFolder, atomic_dir, resume_target, write_json_atomic
-from .data import normalized_weights, validate_teachers
+from .data import check_chat_format, normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
@@ -115,6 +115,13 @@ class MoTTrainer:
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
+        if processing_class is None:  # before the model: its chat template is checked first
+            processing_class = AutoTokenizer.from_pretrained(
+                self.base_model_id, trust_remote_code=self.args.trust_remote_code
+            )
+        check_chat_format(
+            teachers, processing_class, self.args.assistant_only_loss, self.args.chat_template_path, formatting_func
+        )
         if isinstance(model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
@@ -125,10 +132,6 @@ class MoTTrainer:
             model = create_model_from_path(model, **init_kwargs)
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         self._layer_dims = adapters.layer_dims(model, adapters.check_targets(model, self.peft_config))
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(
-                self.base_model_id, trust_remote_code=self.args.trust_remote_code
-            )
 
         self.model: PreTrainedModel | PeftModel = model
         self.processing_class = processing_class
