@@ -159,6 +159,34 @@ def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
     assert "--verbose" in capsys.readouterr().out
 
 
+def test_unknown_teacher_key_names_the_teacher_and_the_valid_keys(tmp_path, capsys):
+    teachers = [{"teacher": "r1", "path": "json", "data_file": "r1.jsonl"}]
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path, teachers=teachers)))
+    assert "mot: error: teachers[0] (teacher 'r1'): unknown key 'data_file' (did you mean 'data_files'?)" in err
+    assert "A teacher entry takes: path, name, data_dir, data_files, split" in err
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path, teachers=[{"data_files": "a.jsonl"}])))
+    assert "teachers[0]: 'path' is required" in err
+
+
+def test_a_misspelt_key_is_named_with_the_closest_one(tmp_path, capsys):
+    cfg = write_config(tmp_path, num_round=3)
+    err = mot_error(capsys, "train", "--config", str(cfg))
+    assert "unknown key in the config file: 'num_round' (did you mean 'num_rounds'?)" in err
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path)), "--merge_tolerence", "0")
+    assert "unknown key on the command line: 'merge_tolerence' (did you mean 'merge_tolerance'?)" in err
+
+
+def test_an_empty_teacher_file_is_named_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = write_config(tmp_path)
+    config = yaml.safe_load(cfg.read_text())
+    config["teachers"][1]["data_files"] = str(tmp_path / "empty.jsonl")
+    cfg.write_text(yaml.safe_dump(config))
+    err = mot_error(capsys, "train", "--config", str(cfg))  # the model path does not exist: it was never loaded
+    assert f"mot: error: teacher 't1': its data set is empty (data_files='{tmp_path / 'empty.jsonl'}'" in err
+    assert not (tmp_path / "out").exists()
+
+
 NO_MARKERS = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}\n{% endfor %}"
 
 

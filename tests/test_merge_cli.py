@@ -173,3 +173,15 @@ def test_non_delta_adapters_are_refused_with_the_reason(loras, qwen3_dir, tmp_pa
     ia3.save_pretrained(tmp_path / "ia3")
     assert "LoRA" in merge_error(capsys, tmp_path / "ia3", loras[1], "--out", tmp_path / "x")
     assert "needs --density" in merge_error(capsys, *loras, "--method", "ties", "--out", tmp_path / "x")
+
+
+def test_a_missing_adapter_folder_is_named_as_one(loras, tmp_path, capsys):
+    missing = tmp_path / "no-such-lora"
+    err = merge_error(capsys, missing, loras[1], "--out", tmp_path / "x")
+    assert err == f"mot: error: adapter '{missing}': no such folder (a local adapter is a folder with " \
+        "adapter_config.json and adapter_model.safetensors).\n"
+    err = merge_error(capsys, "./no-such-lora", loras[1], "--out", tmp_path / "x")
+    assert "adapter './no-such-lora': no such folder" in err and "Repo id" not in err
+    err = merge_error(capsys, "not a repo id", loras[1], "--out", tmp_path / "x")
+    assert "adapter 'not a repo id': neither a local folder nor a Hub repo id (org/name)" in err
+    assert not (tmp_path / "x").exists()

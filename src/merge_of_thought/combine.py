@@ -25,11 +25,12 @@ from peft import LoraConfig
 from peft.utils import merge_utils
 
 from . import adapters
-from .hub import hub_id
+from .hub import hub_id, is_local_path
 from .merging import LowRankDelta, MergeReport, concatenate, from_dense
 
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_FILES = f"{adapters.ADAPTER_CONFIG} and {adapters.ADAPTER_WEIGHTS}"
 
 
 @dataclass
@@ -50,9 +51,23 @@ def resolve(source: str, allow_pickle: bool = False, token: str | bool | None = 
     if os.path.isdir(source):
         return Path(source)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    if is_local_path(source) or os.path.exists(source):
+        raise FileNotFoundError(f"adapter {source!r}: no such folder (a local adapter is a folder with {_FILES}).")
     patterns = [adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS] + ([adapters.ADAPTER_PICKLE] if allow_pickle else [])
-    return Path(snapshot_download(source, allow_patterns=patterns, token=token))
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, token=token))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"adapter {source!r}: neither a local folder nor a Hub repo id (org/name); a local adapter is a folder "
+            f"with {_FILES}."
+        ) from None
+    except (RepositoryNotFoundError, LocalEntryNotFoundError) as error:
+        reason = "no such repository (or a private one: pass --token)"
+        if isinstance(error, LocalEntryNotFoundError):
+            reason = f"the Hub could not be reached and it is not in the cache ({str(error).splitlines()[0]})"
+        raise FileNotFoundError(f"adapter {source!r}: no such local folder, and on the Hub: {reason}.") from None
 
 
 def load(source: str, allow_pickle: bool = False, token: str | bool | None = None) -> Adapter:

@@ -188,5 +188,12 @@ def load_teachers(specs: Any) -> dict[str, Dataset]:
         while name in teachers:
             n += 1
             name = f"{teacher_name(spec)}-{n}"
-        teachers[name] = load_spec(spec, streaming)
+        try:
+            teachers[name] = load_spec(spec, streaming)
+        except StopIteration:  # datasets' JSON and CSV builders read the first rows of a file that has none
+            raise ValueError(f"teacher {name!r}: its data set is empty ({_where(spec)} has no rows).") from None
     return teachers
+
+
+def _where(spec: Any) -> str:
+    return f"data_files={spec.data_files!r}" if spec.data_files else f"path={spec.path!r}"

@@ -9,13 +9,16 @@ TRL's ``datasets:`` and ``dataset_name`` are refused with a pointer to ``teacher
     mot train --config examples/configs/demo_tiny.yaml --learning_rate 1e-3
 
 After a crash, Ctrl-C or SIGTERM, ``mot train --config ... --resume`` continues the run in ``output_dir`` after
-its last completed branch (``--resume_from_checkpoint true`` does the same).
+its last completed branch (``--resume_from_checkpoint true`` does the same). Checks that need no model (the
+config's keys, the teachers' data, the output folder, the chat template) run before the model is loaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import shlex
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
@@ -63,12 +66,67 @@ class MoTScriptArguments(ScriptArguments):
                 "concatenates their data: list each teacher's data set under 'teachers:' instead, e.g.\n"
                 "teachers:\n  - teacher: r1\n    path: my-org/traces-r1\n    split: train"
             )
-        self.teachers = [t if isinstance(t, TeacherConfig) else TeacherConfig(**t) for t in self.teachers]
+        self.teachers = [as_teacher_config(entry, i) for i, entry in enumerate(self.teachers)]
         for teacher in self.teachers:
             teacher.teacher = teacher_name(teacher)
         names = [t.teacher for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}: set 'teacher:' in each entry.")
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'num_rounds'?)`` for a close known key, else nothing."""
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def as_teacher_config(entry: Any, index: int) -> TeacherConfig:
+    """One ``teachers:`` entry as a TeacherConfig; a wrong key is named with the teacher and the valid keys."""
+    if isinstance(entry, TeacherConfig):
+        return entry
+    valid = [f.name for f in fields(TeacherConfig) if f.init]
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"teachers[{index}] must be a mapping with the keys {valid}, got {entry!r}.")
+    label = f"teachers[{index}]" + (f" (teacher {entry['teacher']!r})" if entry.get("teacher") else "")
+    unknown = [key for key in entry if key not in valid]
+    if unknown:
+        named = ", ".join(f"{key!r}{did_you_mean(key, valid)}" for key in unknown)
+        raise ValueError(f"{label}: unknown key {named}. A teacher entry takes: {', '.join(valid)}.")
+    if "path" not in entry:
+        raise ValueError(
+            f"{label}: 'path' is required: a Hub data set id, a local folder, or a loader such as 'json' with "
+            "data_files."
+        )
+    return TeacherConfig(**entry)
+
+
+class MoTParser(TrlParser):
+    """TRL's parser, with unknown keys (in the YAML or on the command line) named before anything is built, each
+    with the closest valid key."""
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        known = {action.dest for action in self._actions}
+        unknown = [key for key in kwargs if key not in known]
+        if unknown:
+            raise self._unknown(unknown, known, "in the config file")
+        return super().set_defaults_with_config(**kwargs)
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        if not return_remaining_strings:
+            _, remaining = self.parse_known_args(args=args)
+            flags = [arg.split("=", 1)[0].removeprefix("--") for arg in remaining if arg.startswith("--")]
+            if remaining:
+                known = {o.removeprefix("--") for a in self._actions for o in a.option_strings if o.startswith("--")}
+                raise self._unknown(flags or remaining, known, "on the command line")
+        return super().parse_args_into_dataclasses(args, return_remaining_strings, **kwargs)
+
+    @staticmethod
+    def _unknown(keys: list[str], known: Iterable[str], where: str) -> ValueError:
+        named = ", ".join(f"{key!r}{did_you_mean(key, known)}" for key in keys)
+        return ValueError(
+            f"unknown key{'s' if len(keys) > 1 else ''} {where}: {named}. mot train takes the keys of TRL's "
+            "ScriptArguments, ModelConfig and SFTConfig and MoT's own (`mot train --help` lists them)."
+        )
 
 
 def hub_dataset_id(spec: DatasetConfig) -> str | None:
@@ -82,7 +140,7 @@ def hub_dataset_id(spec: DatasetConfig) -> str | None:
 
 def make_parser(prog: str | None = "mot train") -> TrlParser:
     epilog = f"{VERBOSE_FLAG}: on an error, print the full traceback as well as the one-line message."
-    return TrlParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
+    return MoTParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
 
 
 def main(argv: list[str] | None = None) -> int:
