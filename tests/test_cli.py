@@ -1,4 +1,5 @@
-"""The ``mot`` command line: ``mot train`` from a TRL-style YAML with one data set per teacher."""
+"""The ``mot`` command line: ``mot train`` from a TRL-style YAML with one data set per teacher, and what a first
+run meets: errors as one line before the model loads, interrupts that say how to resume, no library noise."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -208,6 +211,44 @@ def test_assistant_only_loss_needs_generation_markers_before_the_model_loads(tok
     (folder / "chat_template.jinja").unlink()  # no template at all: conversational data cannot be tokenized
     err = mot_error(capsys, "train", "--config", str(cfg), "--assistant_only_loss", "false")
     assert "teacher 'c0' is conversational ('messages'), but the tokenizer of" in err and "has no chat template" in err
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+def run_in_subprocess(argv: list[str], tmp_path: Path) -> subprocess.Popen:
+    """`mot ...` in its own process, with Python's own Ctrl-C handling even where the test runner ignores SIGINT."""
+    src = Path(merge_of_thought.__file__).parents[1]
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from merge_of_thought.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_how_to_resume_and_resumes(signum, code, qwen3_dir, tmp_path, capsys, caplog):
+    cfg = write_config(tmp_path, model_name_or_path=qwen3_dir, max_steps=60, per_device_train_batch_size=2,
+                       disable_tqdm=True)  # fmt: skip
+    argv = ["train", "--config", str(cfg)]
+    process = run_in_subprocess(argv, tmp_path)
+    first = tmp_path / "out" / "round-001" / "branch-t0" / "adapter_model.safetensors"
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "out" / "mot_run.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the first branch (60 steps)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-3000:]
+    name = signal.Signals(signum).name
+    hint = f"mot: interrupted ({name}). Completed branches are saved; `mot train --config {cfg} --resume` continues"
+    assert hint in err
+    assert "Traceback" not in err and not first.exists()
+    if signum != signal.SIGTERM:
+        return  # the resume is the same after either signal: shown once
+    with caplog.at_level(logging.INFO, logger="merge_of_thought"):
+        assert main([*argv, "--resume"]) == 0
+    assert "Resuming the MoT run in" in caplog.text and "reusing 0 of 1 rounds and 0 of 2 branches" in caplog.text
+    assert first.exists() and (tmp_path / "out" / "round-001" / "round.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- no library noise

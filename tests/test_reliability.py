@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -297,7 +298,7 @@ def test_disk_full_mid_run_loses_nothing_and_resumes(reference, qwen3_dir, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- the command line
-def test_mot_train_resume(qwen3_dir, tmp_path, capsys):
+def test_mot_train_resume(qwen3_dir, tmp_path, capsys, caplog):
     teachers = []
     for k in range(2):
         make_teacher(k, n=8, seed=k).to_json(str(tmp_path / f"t{k}.jsonl"))
@@ -323,12 +324,30 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mot: error: output_dir '" in err and "already holds a MoT run (1 round completed)" in err
     assert "Traceback" not in err
-    assert cli_main([*train, "--num_rounds", "2", "--resume"]) == 0
+    with caplog.at_level(logging.INFO, logger="merge_of_thought"):
+        assert cli_main([*train, "--num_rounds", "2", "--resume", "--disable_tqdm", "false"]) == 0
+    assert "reusing 1 of 2 rounds and 0 of 2 branches of round 2 from disk; 2 branches left to train" in caplog.text
+    bar = capsys.readouterr().err
+    assert " 2/4 [" in bar and " 0/4 [" not in bar  # the bar starts after the rounds reused
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
     lines = metrics(tmp_path / "out")
     assert [row["round"] for row in lines if row["type"] == "branch"] == [1, 1, 2, 2, 3, 3]  # nothing trained twice
     assert [row["rounds_done"] for row in lines if row["type"] == "resume"] == [1, 2]
     assert RunFolder(tmp_path / "out").completed_rounds() == [1, 2, 3]
+
+    # Killed after one branch of round 3: the resume reuses it, says so, and its bar starts at 5 of 6.
+    run = RunFolder(tmp_path / "out")
+    shutil.rmtree(run.round_dir(3) / "merged")
+    (run.round_dir(3) / "round.json").unlink()
+    shutil.rmtree(run.branch_dir(3, "t1"))
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="merge_of_thought"):
+        assert cli_main([*train, "--num_rounds", "3", "--resume", "--disable_tqdm", "false"]) == 0
+    assert "reusing 2 of 3 rounds and 1 of 2 branches of round 3 (t0) from disk; 1 branch left to train" in caplog.text
+    bar = capsys.readouterr().err
+    assert " 5/6 [" in bar and " 4/6 [" not in bar
+    assert [row["teacher"] for row in metrics(tmp_path / "out") if row["type"] == "branch"][-1] == "t1"
 
 
 def test_a_metrics_line_cut_off_by_a_crash_is_skipped(tmp_path):

@@ -39,7 +39,7 @@ from trl.trainer.utils import create_model_from_path
 from . import adapters, branches, distributed, quantization
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import ResumePoint, RunFolder, atomic_dir, resume_target, write_json_atomic
+from .checkpointing import ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
 from .data import check_chat_format, normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
@@ -169,9 +169,10 @@ class MoTTrainer:
             self.metrics.write({"type": "round", "round": 0, **self.dist.on_main(lambda: self._evaluate_round(0))})
         my_branches = self.dist.my_branches(len(self.teacher_names))
         # The bar over rounds x branches (this process's) stays on the top line, above each branch's step bar.
+        done_now = sum(self.teacher_names[k] in self._restored for k in my_branches)  # of the round resumed
         progress = tqdm(
             total=args.num_rounds * len(my_branches),
-            initial=self._resume.rounds_done * len(my_branches),
+            initial=min(self._resume.rounds_done, args.num_rounds) * len(my_branches) + done_now,
             desc="MoT branches",
             disable=args.disable_tqdm or not self.dist.is_main,
             position=0,
@@ -495,11 +496,19 @@ class MoTTrainer:
         if self.args.branch_state == "persistent":
             self._restore_branch_states(point.rounds_done, point.branches_done)
         self._resume = point
-        logger.info(
-            "Resuming MoT after %d rounds; round %d has %d branches done.", point.rounds_done, next_round,
-            len(self._restored),
-        )  # fmt: skip
+        logger.info("%s", self._resume_summary(point))
         self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+
+    def _resume_summary(self, point: ResumePoint) -> str:
+        """What a resume reused from disk and what is left to train, in words."""
+        total, n = self.args.num_rounds, len(self.teacher_names)
+        reused = [*point.branches_done, *(f"{t} (dropped)" for t in point.branches_dropped)]
+        left = max(total - point.rounds_done, 0) * n - len(reused)
+        text = f"Resuming the MoT run in {self.run.root}: reusing {point.rounds_done} of {total} rounds"
+        if point.rounds_done < total:
+            text += f" and {len(reused)} of {n} branches of round {point.rounds_done + 1}"
+            text += f" ({', '.join(reused)})" if reused else ""
+        return f"{text} from disk; {plural(max(left, 0), 'branch')} left to train."
 
     def _diverged(self, error: BranchDivergedError) -> None:
         """A branch's loss became NaN/inf: stop the run, or (on_branch_divergence='drop') record it left out."""
