@@ -68,6 +68,8 @@ def test_exact_adapter_reproduces_student_with_peft_and_transformers_alone(train
     assert float(result.stdout.strip().splitlines()[-1]) <= 1e-4
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.base_model is None  # a local folder is no Hub id: left out of the metadata
+    assert f"the base model in the local folder `{qwen3_dir}` (the export was not told its Hub id" in card.text
+    assert "dropout=0.0," in card.text and "student weights: not quantized" in card.text  # lora_dropout=0.0
 
 
 def test_rank_budget_is_the_best_truncation_and_reports_its_error(trained, tmp_path):
@@ -205,11 +207,31 @@ def test_mot_export_from_the_run_folder(trained, qwen3_dir, tmp_path, capsys):
     name = next(iter(trained.merged))
     expected = base[f"{name}.weight"] + trained.merged[name].dense()  # the merged export is exact, not rank 2
     assert torch.allclose(merged[f"{name}.weight"], expected, atol=1e-6)
-    capsys.readouterr()  # the loads' progress bars
+    assert "--base-model" not in capsys.readouterr().err  # the Hub id was given: nothing to add
     with pytest.raises(SystemExit) as info:
         main(["export", run_dir, "--adapter", str(tmp_path / "x"), "--round", "7"])
     assert info.value.code == 2
     assert capsys.readouterr().err == f"mot: error: round 7 is not complete in {run_dir}; completed rounds: [1, 2].\n"
+
+
+def test_mot_export_of_a_local_base_says_to_pass_its_hub_id(trained, qwen3_dir, tmp_path, capsys):
+    assert main(["export", str(trained.run.root), "--adapter", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert f"mot export: note: the run's base model is the local folder {qwen3_dir}" in err
+    assert "Pass --base-model <hub id>" in err
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == qwen3_dir
+
+
+def test_without_matplotlib_the_card_says_why_the_plot_is_missing(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: `import matplotlib` fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    args = ["export", str(trained.run.root), "--adapter", str(tmp_path / "a"), "--base-model", "org/tiny-qwen3"]
+    assert main(args) == 0
+    card = ModelCard.load(tmp_path / "a" / "README.md").text
+    assert "is missing: matplotlib was not installed where this card was written" in card
+    assert 'pip install "merge-of-thought[plot]"' in card and "![Losses" not in card
+    assert not (tmp_path / "a" / "mot_metrics.png").exists()
+    assert "mot export: note: matplotlib is not installed, so the card has no loss plot" in capsys.readouterr().err
 
 
 def test_merged_export_of_a_4bit_student_uses_the_unquantized_base(qwen3_dir, tmp_path):
@@ -225,6 +247,16 @@ def test_merged_export_of_a_4bit_student_uses_the_unquantized_base(qwen3_dir, tm
     for name, delta in trainer.merged.items():
         assert torch.equal(merged[f"{name}.weight"], base[f"{name}.weight"] + delta.dense())
     assert load_delta(tmp_path / "run" / "round-001" / "merged").keys() == trainer.merged.keys()
+    # The cards say so: the student trained on 4-bit weights, the exports apply the delta to the full-precision base.
+    run = json.loads((tmp_path / "run" / "mot_run.json").read_text())
+    assert run["quantization"] == {"method": "bitsandbytes", "bits": 4, "type": "nf4"}
+    merged_card = ModelCard.load(tmp_path / "merged" / "README.md").text
+    assert "The student was trained on a 4-bit (bitsandbytes nf4) copy of the base." in merged_card
+    assert "this merged model differs from the student as trained by the base's own quantization error" in merged_card
+    trainer.save_adapter(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md").text
+    assert "base + this adapter differs from the student as trained" in card and "same quantization config" in card
+    assert "student weights: 4-bit (bitsandbytes nf4)" in card
 
 
 def test_recorded_ids_are_hub_ids():

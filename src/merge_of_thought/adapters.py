@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -319,3 +320,20 @@ def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:
         if module == pattern or module.endswith("." + pattern):
             alpha = value
     return rank, alpha
+
+
+def quantization_summary(model: PreTrainedModel) -> dict[str, Any] | None:
+    """How the student's base weights are quantized (``{"method", "bits", "type"}``), or None when they are not.
+
+    Recorded in ``mot_run.json`` so a model card can say that the exports, which apply the delta to the
+    full-precision base, differ from the student as trained by the base's quantization error.
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    values = config if isinstance(config, dict) else config.to_dict()
+    method = values.get("quant_method")
+    method = str(getattr(method, "value", method)) if method is not None else None
+    bits = 4 if values.get("load_in_4bit") else 8 if values.get("load_in_8bit") else values.get("bits")
+    kind = values.get("bnb_4bit_quant_type") if bits == 4 and method == "bitsandbytes" else None
+    return {"method": method, "bits": bits, "type": kind}

@@ -17,6 +17,11 @@ from typing import Any, Literal
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 
 PLOT_FILE = "mot_metrics.png"
+PLOT_HINT = '`pip install "merge-of-thought[plot]"` and export again to add it'
+NO_PLOT = (
+    f"(The plot of the losses per round, `{PLOT_FILE}`, is missing: matplotlib was not installed where this card "
+    f"was written. {PLOT_HINT}.)"
+)
 TAGS = ["merge-of-thought", "distillation", "reasoning", "lora"]
 CITATION = "Merge-of-Thought distillation: Shen et al., [arXiv:2509.08814](https://arxiv.org/abs/2509.08814)."
 
@@ -137,6 +142,32 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
+def precision(quantization: Mapping[str, Any] | None) -> str:
+    """The student's base weights in words: ``4-bit (bitsandbytes nf4)``, or unquantized."""
+    if not quantization:
+        return "not quantized"
+    kind = f" {quantization['type']}" if quantization.get("type") else ""
+    return f"{quantization.get('bits')}-bit ({quantization.get('method')}{kind})"
+
+
+def quantization_note(kind: Kind, quantization: Mapping[str, Any] | None) -> str | None:
+    """What training on a quantized base means for an export that applies the delta to the full-precision base."""
+    if not quantization:
+        return None
+    what = "base + this adapter" if kind == "adapter" else "this merged model"
+    note = (
+        f"The student was trained on a {precision(quantization)} copy of the base. This export applies the MoT "
+        f"delta to the full-precision base weights, so {what} differs from the student as trained by the base's "
+        "own quantization error (which the student carried and the export does not bake in)."
+    )
+    if kind == "adapter":
+        note += (
+            " To run the student exactly as trained, load the base with the same quantization config before "
+            "attaching the adapter."
+        )
+    return note
+
+
 def run_card(
     kind: Kind,
     folder: Path,
@@ -153,14 +184,21 @@ def run_card(
     dataset_ids = dict(run.get("teacher_datasets") or {})
     lora = run.get("lora", {})
     steps = run.get("steps_per_branch")
+    lora_config = run.get("lora_config") or lora  # the full LoraConfig; "lora" holds the shape fields only
     rows = round_metrics(metrics)
     base = hub_id(base_model)
+    on_top = f"`{base}`"
+    if is_local_path(base):
+        on_top = (
+            f"the base model in the local folder `{base}` (the export was not told its Hub id: "
+            "`mot export --base-model <hub id>`)"
+        )
     what = "a LoRA adapter" if kind == "adapter" else "a full model (the MoT delta folded into the base weights)"
     body = [
         f"# {repo_id or folder.name}",
         "",
         f"{what[0].upper()}{what[1:]} distilled from {len(teachers)} teachers with Merge-of-Thought (MoT, "
-        f"[arXiv 2509.08814](https://arxiv.org/abs/2509.08814)) on top of `{base}`, with the merge-of-thought "
+        f"[arXiv 2509.08814](https://arxiv.org/abs/2509.08814)) on top of {on_top}, with the merge-of-thought "
         "library, TRL and PEFT. Every round "
         "trains one LoRA branch per teacher from the current student and adds the weighted average of the branch "
         "deltas to it.",
@@ -179,6 +217,9 @@ def run_card(
             )
     else:
         body.append(f"The delta was added to the original base weights in fp32 and cast once to {export.get('dtype')}.")
+    quantized = quantization_note(kind, run.get("quantization"))
+    if quantized:
+        body += ["", quantized]
     body += ["", "## Teachers", ""]
     body.append(
         table(["teacher", "data set", "merge weight"], [[t, dataset_ids.get(t), weights.get(t)] for t in teachers])
@@ -190,8 +231,9 @@ def run_card(
         "",
         f"- MoT rounds: {rounds}; SFT steps per branch per round: {steps}; total steps: {total}",
         f"- LoRA branches: r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
-        f"dropout={lora.get('lora_dropout')}, rslora={lora.get('use_rslora')}, "
+        f"dropout={lora_config.get('lora_dropout')}, rslora={lora.get('use_rslora')}, "
         f"target_modules={lora.get('target_modules')}",
+        f"- student weights: {precision(run.get('quantization'))}",
         f"- seed: {run.get('seed')}",
         "",
         "## Metrics per round",
@@ -208,6 +250,8 @@ def run_card(
     )
     if rows and plot_metrics(rows, folder / PLOT_FILE):
         body += ["", f"![Losses per MoT round]({PLOT_FILE})"]
+    elif rows:
+        body += ["", NO_PLOT]
     body += ["", "## Method", "", CITATION, ""]
     data = card_data(kind, base_model, [d for d in dataset_ids.values() if d], model_name=repo_id or folder.name)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))

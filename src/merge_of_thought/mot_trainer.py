@@ -112,6 +112,7 @@ class MoTTrainer:
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
+        self._quantization: dict[str, Any] | None = None  # of the loaded student, for mot_run.json and the cards
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
@@ -132,6 +133,7 @@ class MoTTrainer:
             model = create_model_from_path(model, **init_kwargs)
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         self._layer_dims = adapters.layer_dims(model, adapters.check_targets(model, self.peft_config))
+        self._quantization = adapters.quantization_summary(model)
 
         self.model: PreTrainedModel | PeftModel = model
         self.processing_class = processing_class
@@ -424,6 +426,7 @@ class MoTTrainer:
             "steps_per_branch": self.args.max_steps,
             "lora": {key: lora.get(key) for key in shape},
             "lora_config": lora,
+            "quantization": self._quantization,
             "merge_max_rank": self.args.merge_max_rank,
             "merge_step_size": self.args.merge_step_size,
             "shared_branch_init": self.args.shared_branch_init,

@@ -11,9 +11,11 @@ Reads ``mot_run.json``, the last completed round's ``merged/`` adapter and ``met
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ..export import FinishedRun, export_run
-from ..hub import push_folder
+from ..hub import PLOT_FILE, PLOT_HINT, hub_id, is_local_path, push_folder
 from .console import add_verbose_flag, run_command
 
 
@@ -50,6 +52,21 @@ def push(args: argparse.Namespace, folders: list[str]) -> None:
         print(f"uploaded {folder} to {getattr(info, 'commit_url', args.push_to_hub)}")
 
 
+def export_notes(finished: FinishedRun, base_model_id: str | None, folders: list[str]) -> list[str]:
+    """What the user can still fix about an export: a base recorded as a local path, a card without its plot."""
+    notes = []
+    base = hub_id(base_model_id or finished.base_model)
+    if is_local_path(base):
+        notes.append(
+            f"the run's base model is the local folder {base}, so the export records that path as its base "
+            "(base_model_name_or_path, the card), which nobody else can load. Pass --base-model <hub id> (the id "
+            "the folder was downloaded from) to record the Hub id."
+        )
+    if any(folder and not (Path(folder) / PLOT_FILE).exists() for folder in folders):
+        notes.append(f"matplotlib is not installed, so the card has no loss plot ({PLOT_FILE}): {PLOT_HINT}.")
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     return run_command(lambda rest: run(parser, parser.parse_args(rest)), argv)
@@ -80,6 +97,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     if "merged" in results:
         print(f"merged model (round {finished.round}, {results['merged']['dtype']}) -> {args.merged}")
+    for note in export_notes(finished, args.base_model, [args.adapter or "", args.merged or ""]):
+        print(f"mot export: note: {note}", file=sys.stderr)
     if args.push_to_hub:
         push(args, [args.adapter or args.merged])
     return 0
