@@ -53,6 +53,18 @@ class MoTScriptArguments(ScriptArguments):
     datasets: list[Any] | None = field(
         default=None, metadata={"help": "Not used by MoT (TRL's data mixture): list the data sets under teachers:."}
     )
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "Train an equal-compute baseline instead of MoT: 'mtd' (the union of the teachers) or "
+                  "'std' (one teacher, --baseline_teacher). Same student, LoRA and schedule.",
+                  "choices": ["mtd", "std"]},
+    )
+    baseline_teacher: str | None = field(default=None, metadata={"help": "With --baseline std: the teacher."})
+    baseline_steps: str | None = field(
+        default=None,
+        metadata={"help": "'mot': MoT's total steps (num_rounds x teachers x max_steps; MTD's default), 'path': one "
+                  "branch path (num_rounds x max_steps; STD's default).", "choices": ["mot", "path"]},
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "Continue the run in output_dir after its last completed branch (same configuration)."},
@@ -176,6 +188,11 @@ def train(argv: list[str]) -> int:
     weights = {t.teacher: t.weight for t in script_args.teachers if t.weight is not None}
     if weights and training_args.teacher_weights is None:
         training_args.teacher_weights = weights
+    if script_args.baseline:  # one branch, one round: MTD or STD at MoT's compute or one branch path
+        from ..baselines import baseline_run
+
+        teachers, training_args = baseline_run(script_args.baseline, teachers, training_args,
+                                               script_args.baseline_teacher, script_args.baseline_steps)  # fmt: skip
     model_args.use_peft = True  # MoT branches are LoRA adapters
     if isinstance(model_args.lora_target_modules, str) and model_args.lora_target_modules != "all-linear":
         # a one-item YAML list or flag arrives as a bare string, which PEFT would read as a regex on full names
@@ -193,7 +210,8 @@ def train(argv: list[str]) -> int:
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
     trainer.train()  # resumes when args.resume_from_checkpoint says so (--resume sets it)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"MoT finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
+    what = f"The {script_args.baseline.upper()} baseline" if script_args.baseline else "MoT"
+    trainer.accelerator.print(f"{what} finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
     trainer.end()
     return 0
 

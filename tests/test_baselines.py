@@ -1,0 +1,70 @@
+"""Equal-compute baselines (baselines.py, ``mot train --baseline``): the same MoTTrainer path, other data and steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from merge_of_thought import MoTConfig
+from merge_of_thought.baselines import baseline_run
+from merge_of_thought.cli import main
+from merge_of_thought.export import FinishedRun
+
+from conftest import make_teacher
+from helpers import dense_adapter
+
+
+def write_config(tmp_path, model_dir, **overrides):
+    teachers = []
+    for k in range(3):
+        path = tmp_path / f"teacher{k}.jsonl"
+        make_teacher(k, n=8, seed=k).to_json(str(path))
+        teachers.append({"path": "json", "data_files": str(path), "teacher": f"style{k}"})
+    config = {"model_name_or_path": model_dir, "teachers": teachers, "lora_r": 4, "lora_alpha": 8,
+              "lora_target_modules": "all-linear", "num_rounds": 2, "max_steps": 2, "per_device_train_batch_size": 4,
+              "report_to": "none", "learning_rate": 1e-3, "output_dir": str(tmp_path / "out"), "disable_tqdm": True,
+              **overrides}  # fmt: skip
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return cfg
+
+
+def test_mtd_baseline_trains_the_union_for_mots_total_steps(qwen3_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, qwen3_dir)
+    assert main(["train", "--config", str(cfg), "--baseline", "mtd"]) == 0
+    assert "The MTD baseline finished" in capsys.readouterr().out
+    run = json.loads((tmp_path / "out" / "mot_run.json").read_text())
+    assert run["teachers"] == ["union"] and run["num_rounds"] == 1
+    assert run["steps_per_branch"] == 2 * 3 * 2  # num_rounds x teachers x max_steps
+    assert run["teacher_rows"] == {"union": 24}
+    branch = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"branch"' in line]  # fmt: skip
+    assert [b["steps"] for b in branch] == [12]
+    # the run folder is an ordinary MoT run: its merged adapter is the baseline's adapter, and exports read it
+    merged = dense_adapter(tmp_path / "out" / "round-001" / "merged")
+    trained = dense_adapter(tmp_path / "out" / "round-001" / "branch-union")
+    assert all(((merged[n] - trained[n]).norm() / trained[n].norm()).item() < 1e-5 for n in trained)
+    assert FinishedRun(tmp_path / "out").round == 1
+
+
+def test_std_baseline_takes_one_teacher_for_one_branch_path(qwen3_dir, tmp_path):
+    cfg = write_config(tmp_path, qwen3_dir)
+    assert main(["train", "--config", str(cfg), "--baseline", "std", "--baseline_teacher", "style1"]) == 0
+    run = json.loads((tmp_path / "out" / "mot_run.json").read_text())
+    assert run["teachers"] == ["style1"] and run["steps_per_branch"] == 2 * 2
+
+
+def test_baseline_inputs_are_checked_before_anything_runs(tmp_path):
+    args = MoTConfig(output_dir=str(tmp_path), num_rounds=5, max_steps=10, report_to=[])
+    teachers = {f"t{k}": make_teacher(k, n=4) for k in range(4)}
+    with pytest.raises(ValueError, match="needs baseline_teacher, one of t0, t1, t2, t3; got 'nope'"):
+        baseline_run("std", teachers, args, teacher="nope")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        baseline_run("union", teachers, args)
+    with pytest.raises(ValueError, match="baseline steps must be one of"):
+        baseline_run("mtd", teachers, args, steps="all")
+    data, config = baseline_run("mtd", teachers, args, steps="path")
+    assert config.max_steps == 50 and config.num_rounds == 1 and len(data["union"]) == 16
+    assert baseline_run("std", teachers, args, teacher="t2", steps="mot")[1].max_steps == 200
