@@ -1,6 +1,6 @@
 """One process of the multi-process MoT run in test_distributed.py, started by torchrun.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUTPUT_DIR RESULT_JSON [ROUNDS [resume]]
+    torchrun --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT RESULT_JSON [ROUNDS [resume [BRANCHES]]]
 
 Process 0 writes RESULT_JSON: what every process saw (its branches, the world transformers saw, a hash of its
 merged student), gathered over MoT's own process group.
@@ -19,10 +19,11 @@ from conftest import make_teacher
 from helpers import quick_trainer
 
 
-def build(model_dir: str, output_dir: str, num_rounds: int = 2):
+def build(model_dir: str, output_dir: str, num_rounds: int = 2, branch_state: str = "fresh"):
     """The run both test_distributed.py's single process and every torchrun process start."""
     teachers = {f"teacher{k}": make_teacher(k, seed=k) for k in range(3)}
-    return quick_trainer(model_dir, teachers, output_dir, use_cpu=True, num_rounds=num_rounds)
+    return quick_trainer(model_dir, teachers, output_dir, use_cpu=True, num_rounds=num_rounds,
+                         branch_state=branch_state)
 
 
 def merged_hash(merged) -> str:
@@ -34,9 +35,10 @@ def merged_hash(merged) -> str:
     return digest.hexdigest()
 
 
-def main(model_dir: str, output_dir: str, result_path: str, num_rounds: str = "2", resume: str = "") -> None:
+def main(model_dir: str, output_dir: str, result_path: str, num_rounds: str = "2", resume: str = "",
+         branch_state: str = "fresh") -> None:
     torch.set_num_threads(1)
-    trainer = build(model_dir, output_dir, int(num_rounds))
+    trainer = build(model_dir, output_dir, int(num_rounds), branch_state)
     trainer.train(resume_from_checkpoint=resume == "resume")
     seen = {
         "rank": trainer.dist.rank,

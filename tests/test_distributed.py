@@ -82,6 +82,19 @@ def test_two_processes_reproduce_the_single_process_run(qwen3_dir, tmp_path):
             assert got["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
 
 
+def test_persistent_branches_on_two_processes_reproduce_the_single_process_run(qwen3_dir, tmp_path):
+    """Each process keeps the factors and optimizer state of its own branches (branch_state='persistent')."""
+    run_torchrun(2, qwen3_dir, tmp_path / "two", tmp_path / "result.json", "3", "", "persistent")
+    processes = json.loads((tmp_path / "result.json").read_text())["processes"]
+    assert processes[0]["merged_hash"] == processes[1]["merged_hash"]
+    single = build(qwen3_dir, str(tmp_path / "one"), num_rounds=3, branch_state="persistent")
+    single.train()
+    expected, got = dense_adapter(tmp_path / "one" / "round-003" / "merged"), dense_adapter(
+        tmp_path / "two" / "round-003" / "merged")  # fmt: skip
+    assert max((got[n] - expected[n]).abs().max().item() for n in expected) <= 1e-5
+    assert (tmp_path / "two" / "round-002" / "optimizer-teacher1" / "optimizer.pt").exists()  # written by process 1
+
+
 def test_distributed_resume_matches_the_uninterrupted_run(qwen3_dir, tmp_path):
     """Two processes stop after round 1; two processes resume for round 2: the single-process 2-round student."""
     run_torchrun(2, qwen3_dir, tmp_path / "two", tmp_path / "r1.json", "1")

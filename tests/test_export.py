@@ -124,7 +124,8 @@ def test_model_card_metadata_table_and_plot(trained, tmp_path):
     assert data["base_model"] == "org/tiny-qwen3" and data["base_model_relation"] == "adapter"
     assert data["library_name"] == "peft" and "merge-of-thought" in data["tags"]
     assert data["datasets"] == ["org/traces-a", "org/traces-b"]
-    for text in ("| teacher0 | org/traces-a | 0.5 |", "MoT rounds: 2", "steps per branch per round: 1", "r=4"):
+    for text in ("| teacher0 | org/traces-a | 0.5 |", "MoT rounds: 2", "steps per branch per round: 1", "r=4",
+                 "branches: fresh", "update norm kept by the average"):
         assert text in card.text, text
     metrics = [json.loads(line) for line in trained.run.metrics_path.read_text().splitlines()]
     for record in (m for m in metrics if m["type"] == "round"):

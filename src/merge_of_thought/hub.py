@@ -110,6 +110,7 @@ def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "eval_loss": record.get("eval_loss"),
                 "merge_rank": record.get("merge_rank"),
                 "merge_rel_error_total": record.get("merge_rel_error_total"),
+                "merge_kept_norm": record.get("merge_kept_norm"),
             }
         )
     return rows
@@ -233,6 +234,8 @@ def run_card(
         f"- LoRA branches: r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}, "
         f"dropout={lora_config.get('lora_dropout')}, rslora={lora.get('use_rslora')}, "
         f"target_modules={lora.get('target_modules')}",
+        f"- branches: {run.get('branch_state', 'fresh')} (fresh: a new LoRA adapter and optimizer every round; "
+        "persistent: each teacher's adapter and optimizer carried across rounds)",
         f"- student weights: {precision(run.get('quantization'))}",
         f"- seed: {run.get('seed')}",
         "",
@@ -241,9 +244,11 @@ def run_card(
     ]
     body.append(
         table(
-            ["round", "mean branch train loss", "eval loss", "merged rank", "merge rel. error"],
+            ["round", "mean branch train loss", "eval loss", "merged rank", "merge rel. error",
+             "update norm kept by the average"],
             [
-                [r["round"], r["train_loss"], r["eval_loss"], r["merge_rank"], r["merge_rel_error_total"]]
+                [r["round"], r["train_loss"], r["eval_loss"], r["merge_rank"], r["merge_rel_error_total"],
+                 r["merge_kept_norm"]]
                 for r in rows
             ],
         )
