@@ -9,7 +9,19 @@ from .data import load_teachers
 from .merging import LowRankDelta, merge_round
 from .mot_config import MoTConfig
 from .mot_trainer import MoTTrainer
+from .students import STUDENTS, smollm2_135m, student_path
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankDelta", "MoTCallback", "MoTConfig", "MoTTrainer", "load_teachers", "merge_round", "__version__"]
+__all__ = [
+    "STUDENTS",
+    "LowRankDelta",
+    "MoTCallback",
+    "MoTConfig",
+    "MoTTrainer",
+    "load_teachers",
+    "merge_round",
+    "smollm2_135m",
+    "student_path",
+    "__version__",
+]
