@@ -3,7 +3,7 @@
     python benchmarks/real_student/run.py                  # CPU protocol: 4 teachers x 5 rounds x 10 steps, 3 seeds
     python benchmarks/real_student/run.py --seeds 0        # one seed (each run is cached: run more seeds later)
     python benchmarks/real_student/run.py --steps 50       # the paper's 50 steps per round (a GPU)
-    python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 2 steps, few samples
+    python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step, 4 samples
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
@@ -50,6 +50,8 @@ class Setting:
     lora_r: int = 16
     lora_alpha: int = 32
     max_new_tokens: int = 64
+    general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
+    general_tokens: int = 48  # the untrained student's answer length to them
 
     @property
     def path_steps(self) -> int:
@@ -60,7 +62,8 @@ class Setting:
         return self.path_steps * len(TEACHERS)
 
 
-QUICK = Setting(rounds=2, steps_per_round=2, train_prompts=16, held_out=8, max_new_tokens=24)
+QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, held_out=4, max_new_tokens=16, general_prompts=4,
+                general_tokens=12)
 
 # (method, variant): MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher,
 # T x S with a fresh branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher.
@@ -123,9 +126,9 @@ def reference_answers(folder: str, work: Path, setting: Setting) -> list[str]:
     from merge_of_thought.evaluation import generate_completions
 
     model, tokenizer = load_student(folder)
-    prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
-    answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=48,
-                                   disable_tqdm=True)  # fmt: skip
+    prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[: setting.general_prompts]]
+    answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
+                                   max_new_tokens=setting.general_tokens, disable_tqdm=True)  # fmt: skip
     quality.write_json_atomic(path, answers)
     return answers
 
@@ -138,7 +141,7 @@ def score(model, tokenizer, held, references, setting: Setting) -> dict:
     result = generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
                                  max_new_tokens=setting.max_new_tokens, disable_tqdm=True)  # fmt: skip
     return {"accuracy": result.accuracy,
-            "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS, references),
+            "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS[: len(references)], references),
             "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
 
 
@@ -212,7 +215,7 @@ def summarize(results: list[dict], setting: Setting) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 2 steps, 8 samples")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 1 step, 4 samples")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))

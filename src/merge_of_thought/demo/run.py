@@ -1,9 +1,10 @@
 """``mot demo``: a complete Merge-of-Thought distillation, offline on the CPU, in a few minutes.
 
-The shipped tiny student (pre-trained on digit facts and copying, never on the task) is loaded in 4-bit nf4;
-four synthetic teachers write chain-of-thought for the same prompts in different styles (one of them noisy); MoT
-distils them round by round; the held-out accuracy of the student is printed after every round next to the
-starting student's.
+The student is loaded in 4-bit nf4: by default the shipped tiny one (pre-trained on digit facts and copying, never
+on the task), or with ``--student smollm2-135m`` a real pretrained LM (SmolLM2-135M-Instruct, see
+:mod:`merge_of_thought.students`), asked in chat format. Four synthetic teachers write chain-of-thought for the same
+prompts in different styles (one of them noisy); MoT distils them round by round; the held-out accuracy of the
+student is printed after every round next to the starting student's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -23,14 +25,20 @@ from peft import LoraConfig
 from ..callbacks import MoTCallback
 from ..mot_config import MoTConfig
 from ..mot_trainer import MoTTrainer
+from ..students import STUDENTS, student_path
 from .student import load_demo_student
 from .task import TEACHERS, accuracy, make_problems, make_teacher_datasets
 
 
 @dataclass
 class DemoSettings:
-    """The demo's defaults: chosen to finish in about 2-3 minutes on 2 CPU cores and to show learning."""
+    """The demo's defaults for the tiny student: chosen to finish in about a minute on 2 CPU cores and to show
+    learning. Another student starts from its own defaults (:data:`STUDENT_DEFAULTS`, :func:`demo_settings`)."""
 
+    student: str = field(
+        default="tiny",
+        metadata={"choices": list(STUDENTS), "help": "tiny (shipped) or smollm2-135m (real LM); default: %(default)s"},
+    )
     num_rounds: int = 4
     max_steps: int = 20
     learning_rate: float = 3e-3
@@ -39,22 +47,40 @@ class DemoSettings:
     lora_alpha: int = 32
     train_problems: int = 70  # single-digit sums: 70 for training, the other 30 held out
     eval_problems: int = 30
+    digits: int = 1  # digits per operand
+    chat: bool = False  # prompt/completion rows as chat messages (for a student with a chat template)
     seed: int = 0
     load_in_4bit: bool = True
     output_dir: str | None = None
     threads: int = 2
 
 
+# Defaults per student that differ from DemoSettings'. SmolLM2 knows its digit facts and writes chat answers, so a
+# few steps at batch 8 (each ~3 s on 2 cores) teach it the teachers' layout and "#### <sum>" line on the same sums.
+STUDENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "smollm2-135m": dict(num_rounds=2, max_steps=6, learning_rate=1e-3, batch_size=8, chat=True),
+}
+
+
+def demo_settings(student: str = "tiny", **overrides: Any) -> DemoSettings:
+    """The demo's settings for ``student``: its defaults (:data:`STUDENT_DEFAULTS`), then ``overrides``."""
+    if student not in STUDENT_DEFAULTS:
+        raise ValueError(f"No demo defaults for student {student!r}; choose from {', '.join(STUDENT_DEFAULTS)}.")
+    return DemoSettings(**{**STUDENT_DEFAULTS[student], **overrides, "student": student})
+
+
 class AccuracyTable(MoTCallback):
     """Scores the merged student on the held-out problems after every round and prints a row."""
 
-    def __init__(self, tokenizer, problems, start: float):
+    def __init__(self, tokenizer, problems, start: float, conversational: bool = False):
         self.tokenizer, self.problems, self.start = tokenizer, problems, start
+        self.conversational = conversational
         self.stream = sys.stdout  # the console, also while the branches' own step logs are silenced
         self.rows: list[tuple[int, float, float]] = []
 
     def score(self, model, round_idx: int) -> None:
-        result = accuracy(model, self.tokenizer, self.problems)
+        result = accuracy(model, self.tokenizer, self.problems, conversational=self.conversational)
         self.rows.append((round_idx, result, time.perf_counter() - self.start))
         print(f"  {round_idx:>5}  {result:>8.2f}  {self.rows[-1][2]:>7.0f}s", file=self.stream, flush=True)
 
@@ -67,18 +93,19 @@ def run_demo(settings: DemoSettings | None = None) -> list[tuple[int, float, flo
     settings = settings or DemoSettings()
     torch.set_num_threads(settings.threads)
     start = time.perf_counter()
-    model, tokenizer = load_demo_student(load_in_4bit=settings.load_in_4bit)
-    split = dict(seed=settings.seed, eval_size=settings.eval_problems, digits=1)
+    model, tokenizer = load_demo_student(student_path(settings.student), load_in_4bit=settings.load_in_4bit)
+    split = dict(seed=settings.seed, eval_size=settings.eval_problems, digits=settings.digits)
     train = make_problems(settings.train_problems, split="train", **split)
     held_out = make_problems(settings.eval_problems, split="test", **split)
-    teachers = make_teacher_datasets(train, seed=settings.seed)
+    teachers = make_teacher_datasets(train, seed=settings.seed, conversational=settings.chat)
     print(
         f"MoT demo: {len(teachers)} teachers ({', '.join(TEACHERS)}), {settings.num_rounds} rounds x "
-        f"{settings.max_steps} steps per branch, {'4-bit nf4' if settings.load_in_4bit else 'fp32'} student, "
-        f"{settings.eval_problems} held-out problems\n\n  round  accuracy  elapsed",
+        f"{settings.max_steps} steps per branch, {'4-bit nf4' if settings.load_in_4bit else 'fp32'} "
+        f"{settings.student} student, {settings.eval_problems} held-out problems"
+        f"{' (chat format)' if settings.chat else ''}\n\n  round  accuracy  elapsed",
         flush=True,
     )
-    table = AccuracyTable(tokenizer, held_out, start)
+    table = AccuracyTable(tokenizer, held_out, start, conversational=settings.chat)
     table.score(model, 0)
     args = MoTConfig(
         output_dir=settings.output_dir or tempfile.mkdtemp(prefix="mot-demo-"),

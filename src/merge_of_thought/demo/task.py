@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from ..evaluation import Prompt
 from ..evaluation import generate_completions as generate_completions_
 
 
@@ -51,6 +52,11 @@ class Problem:
     @property
     def prompt(self) -> str:
         return f"{self.a}+{self.b}=?\n"
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as a chat (one user message), for students with a chat template."""
+        return [{"role": "user", "content": self.prompt.strip()}]
 
 
 _OPERAND_RANGES = {1: (0, 10), 2: (10, 100), 3: (100, 1000)}
@@ -194,7 +200,7 @@ def make_teacher_dataset(
     for problem in problems:
         trace = teacher_trace(teacher, problem, rng=rng, noise_rate=noise_rate)
         if conversational:
-            prompts.append([{"role": "user", "content": problem.prompt.strip()}])
+            prompts.append(problem.messages)
             completions.append([{"role": "assistant", "content": trace}])
         else:
             prompts.append(problem.prompt)
@@ -224,9 +230,10 @@ def extract_answer(text: str, strict: bool = True) -> int | None:
 
 
 def generate_completions(
-    model, tokenizer, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64
+    model, tokenizer, prompts: Sequence[Prompt], batch_size: int = 128, max_new_tokens: int = 64
 ) -> list[str]:
-    """Greedy, batched, left-padded completions (special tokens dropped), stopping at the tokenizer's EOS."""
+    """Greedy, batched, left-padded completions (special tokens dropped), stopping at the tokenizer's EOS; chat
+    prompts are rendered with the tokenizer's chat template."""
     return generate_completions_(
         model, tokenizer, list(prompts), batch_size, max_new_tokens, disable_tqdm=True,
         eos_token_id=tokenizer.eos_token_id,
@@ -241,11 +248,12 @@ def accuracy(
     max_new_tokens: int = 64,
     strict: bool = True,
     return_completions: bool = False,
+    conversational: bool = False,
 ) -> float | tuple[float, list[str]]:
-    """Exact-match accuracy of the model's greedy final answers (``"#### <n>"``) on ``problems``."""
-    completions = generate_completions(
-        model, tokenizer, [p.prompt for p in problems], batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
+    """Exact-match accuracy of the model's greedy final answers (``"#### <n>"``) on ``problems``, asked as plain
+    prompts or, with ``conversational=True``, as the chat messages the conversational teacher data uses."""
+    prompts = [p.messages if conversational else p.prompt for p in problems]
+    completions = generate_completions(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
     correct = sum(extract_answer(c, strict=strict) == p.answer for c, p in zip(completions, problems))
     acc = correct / max(len(problems), 1)
     return (acc, completions) if return_completions else acc

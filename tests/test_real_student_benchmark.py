@@ -1,0 +1,57 @@
+"""benchmarks/real_student: the task and teachers as designed, and its --quick smoke test on the real student."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from helpers import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("real_student/run.py")
+
+
+def final(text: str) -> int:
+    return int(re.findall(r"####\s*(-?\d+)", text)[-1])
+
+
+def test_teachers_share_the_answer_line_and_only_the_noisy_one_is_wrong(bench):
+    import task  # benchmarks/real_student/task.py, on the path once the benchmark is loaded
+
+    pool, held = task.split()
+    assert len(held) == 300 and not {(p.a, p.b, p.c) for p in held} & {(p.a, p.b, p.c) for p in pool}
+    problems = random.Random(0).sample(pool, 200)
+    for teacher in task.TEACHERS:
+        rows = task.teacher_dataset(teacher, problems, seed=0)
+        answers = [final(row["completion"][0]["content"]) for row in rows]
+        wrong = sum(a != p.answer for a, p in zip(answers, problems)) / len(problems)
+        if teacher == "noisy":
+            assert 0.25 < wrong < 0.45
+        else:
+            assert wrong == 0
+        assert all(row["prompt"][0]["role"] == "user" for row in rows)
+    right = task.trace("right", task.Problem(47, 25, 38), random.Random(0))
+    assert right.splitlines()[0] == "25 + 38 = 63"  # another path than the left-to-right teachers
+
+
+def test_quick_smoke_run_on_smollm2(bench, tmp_path):
+    """Two methods of --quick end to end (the full --quick runs every method; the same code)."""
+    summary = bench.main(["--quick", "--methods", "mot", "mtd", "--work-dir", str(tmp_path / "work"),
+                          "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    methods = summary["methods"]
+    assert set(methods) == {"MoT", "MTD-2", "MTD-8"}
+    assert methods["MoT"]["steps"] == 8 and methods["MTD-8"]["steps"] == 8 and methods["MTD-2"]["steps"] == 2
+    saved = json.loads((tmp_path / "results" / "real_student_quick.json").read_text())
+    mot = next(r for r in saved["runs"] if r["name"] == "MoT")
+    assert [p["steps"] for p in mot["curve"]] == [0, 4, 8] and all("merge_kept_norm" in p for p in mot["curve"][1:])
+    assert all(0 <= p["accuracy"] <= 1 and p["general_nll"] > 0 for p in mot["curve"])
+    assert (tmp_path / "results" / "real_student_quick.png").read_bytes().startswith(b"\x89PNG")
+    assert "| MoT | 8 |" in (tmp_path / "results" / "real_student_quick.md").read_text()
+    again = bench.main(["--quick", "--methods", "mot", "--work-dir", str(tmp_path / "work"),
+                        "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    assert again["runs_from_cache"] == 1  # an interrupted benchmark resumes from its cached runs
