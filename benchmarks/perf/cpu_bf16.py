@@ -5,8 +5,9 @@
 
 What MoTConfig's CPU default for ``bf16`` rests on. Settings: the student in fp32 or nf4 (compute dtype fp32, or bf16
 when bf16 is on), LoRA r=16 on all linear layers, fp32 LoRA parameters; ``bf16=True`` is TRL's bf16 autocast. Each
-setting trains in its own process, one after another, twice in the order ABCD DCBA; the first step of a process is
-not timed. Writes benchmarks/results/cpu_bf16.{json,md}, naming the CPU and its bf16 capabilities.
+setting trains in its own process, one after another, twice in the order ABCD DCBA (``--passes 1``: once); the
+first step of a process is not timed. Writes benchmarks/results/cpu_bf16.{json,md}, naming the CPU and its bf16
+capabilities.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", default="70m", choices=["70m", "tiny"])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per setting and pass")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=2, choices=[1, 2], help="2: ABCD then DCBA; 1: ABCD")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL_DIR", "STUDENT", "BF16"), help=argparse.SUPPRESS)
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.gettempdir()) / f"mot-bf16-student-{args.size}"
     model_dir = build_student(work, args.size)
     runs: dict[str, list[float]] = {}
-    for student, bf16 in SETTINGS + SETTINGS[::-1]:
+    for student, bf16 in (SETTINGS + SETTINGS[::-1])[: 4 * args.passes]:
         command = [sys.executable, __file__, "--worker", model_dir, student, "1" if bf16 else "0",
                    "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
         line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {name: statistics.median(times) for name, times in runs.items()}
     record = {
         "command": "python benchmarks/perf/cpu_bf16.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "size": args.size, "batch": args.batch, "seq": 64, "steps_per_pass": args.steps, "passes": 2,
+        "size": args.size, "batch": args.batch, "seq": 64, "steps_per_pass": args.steps, "passes": args.passes,
         "machine": {**machine(), **cpu_capabilities()}, "median_step_seconds": medians, "step_seconds": runs,
         "bf16_over_fp32": {s: medians[f"{s} bf16"] / medians[f"{s} fp32"] for s in ("fp32", "nf4")},
     }  # fmt: skip
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
         "# bf16 against fp32 on the CPU", "",
         f"`{record['command'].strip()}` on {cpu['cpu_model']} ({cpu['threads']} threads; AVX512-BF16: "
         f"{cpu['avx512_bf16']}, AMX-BF16: {cpu['amx_bf16']}, oneDNN bf16: {cpu['onednn_bf16']}). {args.size} Qwen3, "
-        f"batch {args.batch} x 64 tokens, LoRA r=16 all-linear, median of {2 * args.steps} steps per setting.", "",
+        f"batch {args.batch} x 64 tokens, LoRA r=16 all-linear, median of {args.passes * args.steps} steps per "
+        "setting.",
+        "",
         "| student | fp32 s/step | bf16 s/step | bf16 / fp32 |", "|---|---|---|---|",
     ]  # fmt: skip
     for s in ("fp32", "nf4"):
