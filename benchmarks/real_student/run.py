@@ -38,28 +38,17 @@ PROBE = ("Probe score: minus the mean token NLL of the untrained student's own a
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-    """What every method shares; only the data and the schedule of steps differ between methods."""
+class Setting(quality.Setting):
+    """The quality benchmark's shared settings (rounds, steps, prompts, learning rate, batch, LoRA), with this
+    student's values and its generation budgets."""
 
-    rounds: int = 5
     steps_per_round: int = 10
-    train_prompts: int = 200
     held_out: int = 100
     learning_rate: float = 5e-4
     batch_size: int = 8
-    lora_r: int = 16
-    lora_alpha: int = 32
     max_new_tokens: int = 64
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
-
-    @property
-    def path_steps(self) -> int:
-        return self.rounds * self.steps_per_round
-
-    @property
-    def compute_steps(self) -> int:
-        return self.path_steps * len(TEACHERS)
 
 
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, held_out=4, max_new_tokens=16, general_prompts=4,
