@@ -50,7 +50,9 @@ class MoTConfig(SFTConfig):
     Parameters that differ from SFTConfig:
         max_steps (`int`, defaults to `50`): SFT steps per branch per round.
         bf16 (`bool` or `None`): as in TRL, except that on a machine without a GPU it defaults to `False`: bf16
-            autocast on a CPU without native bf16 ran TRL's SFT steps 70x slower than fp32 here.
+            autocast on CPUs without native bf16 ran TRL's SFT steps 57-70x slower than fp32 (an AMD EPYC without
+            AVX512: 57x for an fp32 and 34x for an nf4 student, benchmarks/results/cpu_bf16.md). On CPUs with native
+            bf16 (AVX512-BF16, AMX) it has not been measured side by side yet; set it yourself there.
         dataloader_pin_memory (`bool`): `False` on a machine without a GPU, where pinning does nothing (and torch
             warns about it in every branch).
         gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
