@@ -69,7 +69,8 @@ def round_update(
     """What a branch changed in this round: ``P_k^t - P_k^{t-1}`` (its whole product for a fresh branch)."""
     if start is None:
         return dict(end)
-    return {name: concatenate([end[name], start[name].scaled(-1.0)]) for name in end}
+    back = negated(start)
+    return {name: concatenate([end[name], back[name]]) for name in end}
 
 
 def load_factors(model: PeftModel, adapter_name: str, state: BranchState) -> None:

@@ -12,6 +12,7 @@ import torch
 from trl import SFTConfig
 
 from . import distributed
+from .branches import BRANCH_STATES
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MoTConfig(SFTConfig):
     branch_state: str = field(
         default="fresh",
         metadata={"help": "'fresh' (new LoRA + optimizer per round, the paper) or 'persistent' (kept across rounds).",
-                  "choices": ["fresh", "persistent"]},
+                  "choices": list(BRANCH_STATES)},
     )
     shared_branch_init: bool = field(
         default=False, metadata={"help": "Start every branch of a round from the same random LoRA A."}
@@ -195,7 +196,7 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
         if self.answer_match not in ("numeric", "exact"):
             raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
-        if self.branch_state not in ("fresh", "persistent"):
+        if self.branch_state not in BRANCH_STATES:
             raise ValueError(f"branch_state must be 'fresh' or 'persistent', got {self.branch_state!r}.")
         if self.on_branch_divergence not in ("raise", "drop"):
             raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")
