@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,10 @@ PLOT_HINT = '`pip install "merge-of-thought[plot]"` and export again to add it'
 NO_PLOT = (
     f"(The plot of the losses per round, `{PLOT_FILE}`, is missing: matplotlib was not installed where this card "
     f"was written. {PLOT_HINT}.)"
+)
+BRANCH_EVAL_NOTE = (
+    "A branch's eval is the student of its round plus that branch's own update, before the merge. Branches that "
+    "score better than the merged student are teachers whose updates the weight average does not reconcile."
 )
 TAGS = ["merge-of-thought", "distillation", "reasoning", "lora"]
 CITATION = "Merge-of-Thought distillation: Shen et al., [arXiv:2509.08814](https://arxiv.org/abs/2509.08814)."
@@ -93,6 +97,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _mean(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per round from ``metrics.jsonl``: mean branch train loss, per-teacher losses, eval loss, merge."""
     rows = []
@@ -101,13 +110,15 @@ def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         branches = [b for b in records if b.get("type") == "branch" and b.get("round") == record["round"]]
         losses = {b["teacher"]: b.get("train_loss") for b in branches}
-        known = [v for v in losses.values() if v is not None]
         rows.append(
             {
                 "round": record["round"],
-                "train_loss": sum(known) / len(known) if known else None,
+                "train_loss": _mean(losses.values()),
                 "teacher_losses": losses,
                 "eval_loss": record.get("eval_loss"),
+                "eval_accuracy": record.get("eval_accuracy"),
+                "branch_eval_loss": _mean(b.get("eval_loss") for b in branches),
+                "branch_eval_accuracy": _mean(b.get("eval_accuracy") for b in branches),
                 "merge_rank": record.get("merge_rank"),
                 "merge_rel_error_total": record.get("merge_rel_error_total"),
                 "merge_kept_norm": record.get("merge_kept_norm"),
@@ -242,17 +253,15 @@ def run_card(
         "## Metrics per round",
         "",
     ]
-    body.append(
-        table(
-            ["round", "mean branch train loss", "eval loss", "merged rank", "merge rel. error",
-             "update norm kept by the average"],
-            [
-                [r["round"], r["train_loss"], r["eval_loss"], r["merge_rank"], r["merge_rel_error_total"],
-                 r["merge_kept_norm"]]
-                for r in rows
-            ],
-        )
-    )
+    columns = {"round": "round", "train_loss": "mean branch train loss", "eval_loss": "eval loss",
+               "branch_eval_loss": "branches' eval loss (mean)", "eval_accuracy": "eval accuracy",
+               "branch_eval_accuracy": "branches' eval accuracy (mean)", "merge_rank": "merged rank",
+               "merge_rel_error_total": "merge rel. error", "merge_kept_norm": "update norm kept by the average"}
+    optional = ("eval_accuracy", "branch_eval_loss", "branch_eval_accuracy")  # shown when measured
+    columns = {k: v for k, v in columns.items() if k not in optional or any(r[k] is not None for r in rows)}
+    body.append(table(list(columns.values()), [[r[k] for k in columns] for r in rows]))
+    if any(r["branch_eval_loss"] is not None for r in rows):
+        body += ["", BRANCH_EVAL_NOTE]
     if rows and plot_metrics(rows, folder / PLOT_FILE):
         body += ["", f"![Losses per MoT round]({PLOT_FILE})"]
     elif rows:

@@ -98,6 +98,10 @@ class MoTConfig(SFTConfig):
         eval_accuracy_samples (`int`, defaults to `0`): score this many eval rows by greedy generation after every
             round and before the first (0: off). Columns read: see `evaluation.prompts_and_answers`.
         eval_max_new_tokens (`int`, defaults to `256`): generation budget per sample.
+        eval_branches (`bool`, defaults to `True`): also evaluate every branch (the student plus that branch's own
+            update, before the merge) with the same metrics, into its `branch` record in metrics.jsonl, TensorBoard
+            (`<teacher>/eval_loss`, `<teacher>/eval_accuracy`) and the model card. Branches that score well while
+            their average does not are teachers the weight average cannot reconcile. Costs one eval per branch.
         answer_pattern (`str`, *optional*): regex for the final answer (first group if any); defaults to the last
             `\boxed{...}`, else the text after `####`.
         answer_match (`str`, defaults to `"numeric"`): `"numeric"` compares numbers when both sides parse as one,
@@ -143,6 +147,9 @@ class MoTConfig(SFTConfig):
         default=0, metadata={"help": "Eval rows scored by greedy generation every round (0 turns it off)."}
     )
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per eval sample."})
+    eval_branches: bool = field(
+        default=True, metadata={"help": "Also evaluate each branch before the merge (one eval per branch)."}
+    )
     answer_pattern: str | None = field(
         default=None, metadata={"help": "Regex for the final answer; default: last \\boxed{...}, else after '####'."}
     )

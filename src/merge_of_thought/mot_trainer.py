@@ -245,6 +245,7 @@ class MoTTrainer:
         except BranchDivergedError as error:
             adapters.remove_adapter(self.model, name)
             return self._diverged(error)
+        scores = self._evaluate_branch()
         adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
         if self.args.branch_state == "persistent":
@@ -259,6 +260,7 @@ class MoTTrainer:
             "train_loss": output.training_loss,
             "last_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - start,
+            **scores,
         }
         branch = BranchResult(adapter, record)
         self._checkpoint_branch(round_idx, branch)
@@ -340,6 +342,16 @@ class MoTTrainer:
                 )
                 self.last_eval_records = result.records
                 metrics["eval_accuracy"] = result.accuracy
+        return metrics
+
+    def _evaluate_branch(self) -> dict[str, float]:
+        """The branch just trained (its adapter still active above the student) on ``eval_dataset``, unless
+        ``args.eval_branches`` is off; the latest records stay the merged student's."""
+        if not self.args.eval_branches:
+            return {}
+        records = self.last_eval_records
+        metrics = self.evaluate()
+        self.last_eval_records = records
         return metrics
 
     def _evaluate_round(self, round_idx: int) -> dict[str, float]:
