@@ -29,6 +29,10 @@ from merge_of_thought.checkpointing import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TEACHERS = ("column", "verbose", "split", "noisy")
+# Runs cached by an older version of this script are not mixed with new ones. 2: STD and MTD are MoTTrainer runs
+# (merge_of_thought.baselines) with fp32 adapters like MoT's; version 1 trained them with TRL's SFTTrainer, which
+# keeps QLoRA adapters in bf16 (an unequal comparison; benchmarks/results/quality*.md were measured with it).
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,6 @@ def run_job(job: Job, setting: Setting) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     from merge_of_thought import MoTCallback, MoTConfig, MoTTrainer
     from merge_of_thought.demo.run import quiet
@@ -162,23 +165,20 @@ def run_job(job: Job, setting: Setting) -> dict:
                          allow_single_teacher=len(branches) == 1, **shared, **variant.get("config", {}))
         MoTTrainer(model, args=args, teachers=branches, processing_class=tokenizer, peft_config=lora,
                    callbacks=[ScoreRound()]).train()
-    else:
-        total = setting.path_steps * (len(TEACHERS) if job.method == "mtd" else 1)
-        every = setting.path_steps if job.method == "mtd" else setting.steps_per_round
-        if job.method == "mtd":  # the union of all teachers' traces, shuffled once per seed
-            from datasets import concatenate_datasets
+    else:  # the baselines through merge_of_thought.baselines: MoTTrainer runs, fp32 adapters as in MoT
+        from merge_of_thought.baselines import baseline_run
 
-            dataset = concatenate_datasets([data[t] for t in TEACHERS]).shuffle(seed=job.seed)
-        else:
-            dataset = data[job.teacher]
+        every = setting.path_steps if job.method == "mtd" else setting.steps_per_round
+        args = MoTConfig(num_rounds=rounds, max_steps=steps_per_round, overwrite_output_dir=True, **shared)
+        baseline, args = baseline_run(job.method, {t: data[t] for t in TEACHERS}, args, teacher=job.teacher)
 
         class ScoreEvery(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every == 0:
                     curve.append({"steps": state.global_step, **_score(model, tokenizer, held_out, probes)})
 
-        SFTTrainer(model, args=SFTConfig(max_steps=total, **shared), train_dataset=dataset,
-                   processing_class=tokenizer, peft_config=lora, callbacks=[ScoreEvery()]).train()
+        MoTTrainer(model, args=args, teachers=baseline, processing_class=tokenizer, peft_config=lora,
+                   callbacks=[ScoreEvery()]).train()
     run_dir.cleanup()
     return {"job": dataclasses.asdict(job), "name": job.name, "curve": curve,
             "seconds": time.perf_counter() - start}
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     setting = QUICK if args.quick else FULL
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     suffix = "_quick" if args.quick else "_ablations" if args.ablations else ""
-    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}"
+    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}"
     cache.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(seeds, args.ablations, args.variants)
     if args.ablations:  # the reference MoT and best-STD runs of the same seeds, from the main comparison's cache
