@@ -107,3 +107,30 @@ def test_micro_run_of_each_method(quality, method):
     assert all(0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["pretrain_accuracy"] <= 1.0 for p in result["curve"])
     assert result["curve"][0]["pretrain_accuracy"] >= 0.9
     assert result["name"] == {"mot": "MoT", "mtd": "MTD", "std": "STD-column"}[method]
+
+
+def test_nesterov_outer_step_is_dilocos_formula_on_the_branch_deltas(qwen3_dir, tokenizer, tmp_path):
+    """outer.py: D_t = D_{t-1} + lr (U_t + mu m_t), m_t = mu m_{t-1} + U_t, U_t the branches' mean, for 3 rounds;
+    checked against the saved branch adapters, in float64 and independently of merge_of_thought's merging."""
+    from merge_of_thought import MoTTrainer
+
+    from conftest import make_teacher
+    from helpers import dense_adapter, quick_config, quick_lora
+
+    outer = load_benchmark("quality/outer.py")
+    lr, mu = 0.7, 0.9
+    teachers = {"a": make_teacher(0, n=8), "b": make_teacher(1, n=8)}
+    trainer = MoTTrainer(qwen3_dir, args=quick_config(tmp_path, num_rounds=3, max_steps=1), teachers=teachers,
+                         processing_class=tokenizer, peft_config=quick_lora(),
+                         callbacks=[outer.NesterovOuterStep(lr, mu)])  # fmt: skip
+    rounds = trainer.train()
+    D = m = None
+    for t in (1, 2, 3):
+        branch = [dense_adapter(trainer.run.branch_dir(t, k)) for k in teachers]
+        U = {name: (branch[0][name] + branch[1][name]) / 2 for name in branch[0]}
+        m = U if m is None else {name: mu * m[name] + U[name] for name in U}
+        step = {name: lr * (U[name] + mu * m[name]) for name in U}
+        D = step if D is None else {name: D[name] + step[name] for name in U}
+    for name, delta in trainer.merged.items():
+        torch.testing.assert_close(delta.dense().double(), D[name], rtol=0, atol=1e-5 * D[name].abs().max().item())
+    assert rounds[-1]["outer_rank"] > rounds[0]["outer_rank"]  # the momentum's rank grows with the rounds

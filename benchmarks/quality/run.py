@@ -94,7 +94,21 @@ ABLATIONS: dict[str, dict] = {
     # added for issue 8: what a lossy rank budget (flat step cost) does to quality; exact rank 64 per round here
     "rank64": {"config": {"merge_max_rank": 64}},  # the budget of one round's update (K*r)
     "rank32": {"config": {"merge_max_rank": 32}},
+    # added for the MoT-wins issue, after all of the above: branch state and DiLoCo's outer step (outer.py)
+    "persistent": {"config": {"branch_state": "persistent"}},  # each teacher's LoRA factors + AdamW kept
+    "nesterov": {"outer": {"lr": 0.7, "momentum": 0.9}},  # DiLoCo's published outer values, not tuned here
+    "persistent-nesterov": {"config": {"branch_state": "persistent"}, "outer": {"lr": 0.7, "momentum": 0.9}},
 }
+
+
+def outer_steps(variant: dict) -> list:
+    """The variant's outer optimizer as a MoTCallback (outer.py), or none: the paper's average."""
+    if "outer" not in variant:
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from outer import NesterovOuterStep
+
+    return [NesterovOuterStep(**variant["outer"])]
 
 
 def jobs_for(seeds: list[int], ablations: bool, variants: list[str] | None = None) -> list[Job]:
@@ -164,7 +178,7 @@ def run_job(job: Job, setting: Setting) -> dict:
         args = MoTConfig(num_rounds=rounds, max_steps=steps_per_round, overwrite_output_dir=True,
                          allow_single_teacher=len(branches) == 1, **shared, **variant.get("config", {}))
         MoTTrainer(model, args=args, teachers=branches, processing_class=tokenizer, peft_config=lora,
-                   callbacks=[ScoreRound()]).train()
+                   callbacks=[*outer_steps(variant), ScoreRound()]).train()
     else:  # the baselines through merge_of_thought.baselines: MoTTrainer runs, fp32 adapters as in MoT
         from merge_of_thought.baselines import baseline_run
 
