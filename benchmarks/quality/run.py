@@ -3,6 +3,7 @@
     python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 3 seeds (~40 min, 2 cores)
     python benchmarks/quality/run.py --quick    # 1 seed, 2 rounds x 10 steps (< 5 min)
     python benchmarks/quality/run.py --ablations --seeds 0
+    python benchmarks/quality/run.py --regime shared --seeds 0 1 2 3 4 5 6 7   # teachers sharing one format
 
 The design (student, task, teachers, hyperparameters, reporting rule) and why: benchmarks/quality/README.md.
 Each run (method x seed) is one job on a worker process with one CPU thread; its result is cached as JSON in
@@ -29,6 +30,9 @@ from merge_of_thought.checkpointing import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TEACHERS = ("column", "verbose", "split", "noisy")
+# Two regimes of teachers (README.md): "formats", the original, whose teachers write different formats from the
+# first token; "shared", added for the MoT-wins issue, whose teachers share the surface format (x+y=z lines).
+REGIMES = {"formats": TEACHERS, "shared": ("column", "commuted", "split", "noisy")}
 # Runs cached by an older version of this script are not mixed with new ones. 2: STD and MTD are MoTTrainer runs
 # (merge_of_thought.baselines) with fp32 adapters like MoT's; version 1 trained them with TRL's SFTTrainer, which
 # keeps QLoRA adapters in bf16 (an unequal comparison; benchmarks/results/quality*.md were measured with it).
@@ -48,6 +52,11 @@ class Setting:
     lora_r: int = 16
     lora_alpha: int = 32
     digits: int = 2
+    regime: str = "formats"
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return REGIMES[self.regime]
 
     @property
     def path_steps(self) -> int:
@@ -57,7 +66,7 @@ class Setting:
     @property
     def compute_steps(self) -> int:
         """MoT's total SFT steps (= the MTD-1000 budget)."""
-        return self.path_steps * len(TEACHERS)
+        return self.path_steps * len(self.teachers)
 
 
 FULL = Setting()
@@ -111,12 +120,13 @@ def outer_steps(variant: dict) -> list:
     return [NesterovOuterStep(**variant["outer"])]
 
 
-def jobs_for(seeds: list[int], ablations: bool, variants: list[str] | None = None) -> list[Job]:
+def jobs_for(seeds: list[int], ablations: bool, variants: list[str] | None = None,
+             teachers: tuple[str, ...] = TEACHERS) -> list[Job]:  # fmt: skip
     """The main comparison, or the ablation variants; longest jobs first so the workers finish together."""
     if ablations:
         return [Job("mot", seed, variant=variant) for seed in seeds for variant in variants or ABLATIONS]
     jobs = [Job(method, seed) for seed in seeds for method in ("mot", "mtd")]
-    return jobs + [Job("std", seed, teacher) for seed in seeds for teacher in TEACHERS]
+    return jobs + [Job("std", seed, teacher) for seed in seeds for teacher in teachers]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +157,7 @@ def run_job(job: Job, setting: Setting) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     variant = ABLATIONS.get(job.variant, {})
-    teachers = variant.get("teachers", TEACHERS)
+    teachers = variant.get("teachers", setting.teachers)
     rounds = variant.get("rounds", setting.rounds)
     steps_per_round = variant.get("steps_per_round", setting.steps_per_round)
     model, tokenizer = load_demo_student(load_in_4bit=True)
@@ -184,7 +194,8 @@ def run_job(job: Job, setting: Setting) -> dict:
 
         every = setting.path_steps if job.method == "mtd" else setting.steps_per_round
         args = MoTConfig(num_rounds=rounds, max_steps=steps_per_round, overwrite_output_dir=True, **shared)
-        baseline, args = baseline_run(job.method, {t: data[t] for t in TEACHERS}, args, teacher=job.teacher)
+        baseline, args = baseline_run(job.method, {t: data[t] for t in setting.teachers}, args,
+                                      teacher=job.teacher)  # fmt: skip
 
         class ScoreEvery(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -357,16 +368,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, 1 thread each")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "quality"))
     parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="formats",
+                        help="teachers: 'formats' (the original four) or 'shared' (one surface format; README.md)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the saved .json")
     args = parser.parse_args(argv)
-    setting = QUICK if args.quick else FULL
+    setting = dataclasses.replace(QUICK if args.quick else FULL, regime=args.regime)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    suffix = "_quick" if args.quick else "_ablations" if args.ablations else ""
-    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}"
+    regime = "" if args.regime == "formats" else f"_{args.regime}"
+    suffix = regime + ("_quick" if args.quick else "_ablations" if args.ablations else "")
+    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}{regime.replace('_', '-')}"
     cache.mkdir(parents=True, exist_ok=True)
-    jobs = jobs_for(seeds, args.ablations, args.variants)
+    jobs = jobs_for(seeds, args.ablations, args.variants, setting.teachers)
     if args.ablations:  # the reference MoT and best-STD runs of the same seeds, from the main comparison's cache
-        jobs += [Job(m, s) for s in seeds for m in ("mot", "mtd")] + [Job("std", s, t) for s in seeds for t in TEACHERS]
+        jobs += jobs_for(seeds, ablations=False, teachers=setting.teachers)
     out = Path(args.results_dir)
     if args.report_only:
         saved = json.loads((out / f"quality{suffix}.json").read_text())

@@ -50,6 +50,10 @@ class Setting(quality.Setting):
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
 
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return TEACHERS
+
 
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, held_out=4, max_new_tokens=16, general_prompts=4,
                 general_tokens=12)
@@ -110,19 +114,23 @@ def response_nll(model, tokenizer, prompts, responses) -> float:
     return total / max(count, 1)
 
 
-def reference_answers(folder: str, work: Path, setting: Setting) -> list[str]:
-    """The untrained student's greedy answers to the general prompts (computed once, cached)."""
-    path = work / "general_answers.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from merge_of_thought.evaluation import generate_completions
+def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[list[str], dict]:
+    """The untrained student's greedy answers to the general prompts (the forgetting reference) and its scores,
+    every curve's step 0: computed once from one load of the student, cached in ``work``."""
+    answers_path, start_path = work / "general_answers.json", work / "untrained.json"
+    if not (answers_path.exists() and start_path.exists()):
+        from merge_of_thought.evaluation import generate_completions
 
-    model, tokenizer = load_student(folder)
-    prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[: setting.general_prompts]]
-    answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
-                                   max_new_tokens=setting.general_tokens, disable_tqdm=True)  # fmt: skip
-    quality.write_json_atomic(path, answers)
-    return answers
+        model, tokenizer = load_student(folder)
+        if not answers_path.exists():
+            prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[: setting.general_prompts]]
+            answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
+                                           max_new_tokens=setting.general_tokens, disable_tqdm=True)  # fmt: skip
+            quality.write_json_atomic(answers_path, answers)
+        references = json.loads(answers_path.read_text())
+        held = held_out_dataset(split()[1][: setting.held_out])
+        quality.write_json_atomic(start_path, score(model, tokenizer, held, references, setting))
+    return json.loads(answers_path.read_text()), json.loads(start_path.read_text())
 
 
 def score(model, tokenizer, held, references, setting: Setting) -> dict:
@@ -226,13 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     folder = str(smollm2_135m())
     start = time.perf_counter()
-    references = reference_answers(folder, work, setting)
-    start_path = work / "untrained.json"  # the untrained student's scores: every curve's step 0
-    if not start_path.exists():
-        model, tokenizer = load_student(folder)
-        held = held_out_dataset(split()[1][: setting.held_out])
-        quality.write_json_atomic(start_path, score(model, tokenizer, held, references, setting))
-    start_point = json.loads(start_path.read_text())
+    references, start_point = untrained_student(folder, work, setting)
     jobs = [Job(method, seed) for seed in seeds for method in args.methods]
     results = []
     for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores

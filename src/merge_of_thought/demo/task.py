@@ -12,6 +12,10 @@ reasoning paths, with different lengths and verbosity:
 - ``"noisy"``: column style, but a fraction of its traces contain a wrong step (a dropped carry or an off-by-one
   digit fact) that propagates to a wrong final answer.
 
+One more teacher, outside the demo's four: ``"commuted"`` writes column addition with the operands swapped
+(``5+7=12`` / ``2+4+1=7``): the column format, another order. With column, split and noisy it makes a set of
+teachers that share the surface format (``x+y=z`` lines) and differ in path, length and accuracy.
+
 Each step of every trace is a single-digit fact, a carry fact or a round-tens fact, i.e. exactly the primitives that
 the demo student learns in pre-training (see [`~merge_of_thought.demo.student.pretraining_corpus`]); the student has
 never seen multi-digit addition nor the ``####`` answer format before distillation.
@@ -33,6 +37,7 @@ from ..evaluation import generate_completions as generate_completions_
 
 ANSWER_PREFIX = "#### "
 TEACHERS: tuple[str, ...] = ("column", "verbose", "split", "noisy")
+ALL_TEACHERS: tuple[str, ...] = (*TEACHERS, "commuted")
 DEFAULT_NOISE_RATE = 0.4
 _ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 _NUMBER_RE = re.compile(r"-?\d+")
@@ -173,7 +178,9 @@ def teacher_trace(
         return _split(a, b)
     if teacher == "noisy":
         return _column(a, b, verbose=False, rng=rng or random.Random(0), noise_rate=noise_rate)
-    raise ValueError(f"Unknown teacher {teacher!r}; choose from {TEACHERS}.")
+    if teacher == "commuted":
+        return _column(b, a, verbose=False)
+    raise ValueError(f"Unknown teacher {teacher!r}; choose from {ALL_TEACHERS}.")
 
 
 def make_teacher_dataset(
@@ -186,7 +193,7 @@ def make_teacher_dataset(
     """Distillation data of one teacher in TRL prompt-completion format.
 
     Args:
-        teacher: One of [`TEACHERS`].
+        teacher: One of [`ALL_TEACHERS`].
         problems: Prompts to answer (all teachers share them).
         seed: Seed for the noisy teacher's mistakes.
         noise_rate: Fraction of the noisy teacher's traces that contain a wrong step.
