@@ -23,12 +23,30 @@ def test_three_digit_teachers_are_right_except_the_noisy_one():
     problems = make_problems(300, seed=0, split="train", digits=3)
     held_out = {p.prompt for p in make_problems(500, seed=0, split="test", digits=3)}
     assert not held_out & {p.prompt for p in problems} and all(100 <= p.a < 1000 for p in problems)
-    for teacher in ("column", "verbose", "split"):
+    for teacher in ("column", "verbose", "split", "commuted"):
         assert all(extract_answer(teacher_trace(teacher, p)) == p.answer for p in problems)
     noisy = make_teacher_dataset("noisy", problems, seed=0, noise_rate=0.4)
     wrong = sum(extract_answer(c) != p.answer for c, p in zip(noisy["completion"], problems)) / len(problems)
     assert 0.3 < wrong < 0.5
     assert teacher_trace("column", make_problems(1, digits=3)[0]).count("\n") == 3  # one line per place + answer
+
+
+def test_shared_regime_teachers_write_one_format(quality):
+    """--regime shared: every teacher writes only ``x+y=z`` lines before the answer; commuted swaps the operands."""
+    import dataclasses
+    import re
+
+    setting = dataclasses.replace(quality.FULL, regime="shared")
+    assert setting.teachers == ("column", "commuted", "split", "noisy") and setting.compute_steps == 1000
+    problems = make_problems(50, seed=0, split="train")
+    for teacher in setting.teachers:
+        for trace in make_teacher_dataset(teacher, problems, seed=0)["completion"]:
+            *steps, answer = trace.split("\n")
+            assert all(re.fullmatch(r"\d+(\+\d+)+=\d+", line) for line in steps) and answer.startswith("#### ")
+    column, commuted = (teacher_trace(t, make_problems(1)[0]).splitlines() for t in ("column", "commuted"))
+    assert column != commuted and column[-1] == commuted[-1]
+    jobs = quality.jobs_for([0], False, teachers=setting.teachers)
+    assert [job.name for job in jobs] == ["MoT", "MTD", "STD-column", "STD-commuted", "STD-split", "STD-noisy"]
 
 
 def test_pretraining_probes_score_the_shipped_student():
