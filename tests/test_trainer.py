@@ -46,7 +46,8 @@ def test_round_equals_exact_weighted_average_of_saved_branches(model_dir, teache
     """Recompute round 2 from disk alone: merged_2 = merged_1 + step * sum_k w_k * branch_k (non-uniform weights;
     step = merge_step_size, 1 in the paper)."""
     weights = {"teacher0": 0.5, "teacher1": 0.3, "teacher2": 0.2}
-    trainer = quick_trainer(model_dir, teachers, tmp_path, teacher_weights=weights, merge_step_size=step_size)
+    trainer = quick_trainer(model_dir, teachers, tmp_path, teacher_weights=weights, merge_step_size=step_size,
+                            frozen_delta="adapter")  # the adapter home on every precision (weights: test_frozen.py)
     trainer.train()
     run = Path(tmp_path)
     previous = dense_adapter(run / "round-001" / "merged")
@@ -82,7 +83,7 @@ def test_merge_fidelity_and_no_requantization(precision, qwen3_dir, teachers, tm
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.setdefault(args.run_name.split("/")[0], effective_weights(model))
 
-    trainer = quick_trainer(model, dict(list(teachers.items())[:2]), tmp_path)
+    trainer = quick_trainer(model, dict(list(teachers.items())[:2]), tmp_path, frozen_delta="adapter")
     trainer.callbacks.append(Snapshot())
     trainer.train()
     before, after = seen["round2"], effective_weights(trainer.model)

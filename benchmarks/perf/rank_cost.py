@@ -3,9 +3,10 @@
 With K teachers of LoRA rank r, the exact merged delta has rank up to K*r*(t-1) when round t trains (round 1 trains
 on the bare student). This benchmark installs a merged adapter of each such rank on the same loaded model (random
 fp32 factors: the cost does not depend on the values), attaches a fresh rank-r branch like MoT does, and times
-SFTTrainer steps. ``merge_max_rank=K*r`` keeps every later round at the rank-K*r cost.
+SFTTrainer steps. ``merge_max_rank=K*r`` keeps every later round at the rank-K*r cost. An fp32 student holds the
+delta in its weights instead (``frozen_delta="auto"``): the ``fp32-weights`` rows.
 
-    python benchmarks/perf/rank_cost.py                  # 70M Qwen3, K=4 r=16 (ranks 0..320), fp32 and nf4, ~6 min
+    python benchmarks/perf/rank_cost.py                  # 70M Qwen3, K=4 r=16 (ranks 0..320), fp32 and nf4, ~9 min
     python benchmarks/perf/rank_cost.py --size tiny --steps 3 --precisions fp32   # smoke run
 
 Writes the ``rank_cost`` record of benchmarks/results/perf.json and its table in rank_cost.md.
@@ -29,7 +30,12 @@ from common import RESULTS, build_student, machine, teacher_data, update_results
 from overhead import StepTimer, load  # noqa: E402
 
 from merge_of_thought import adapters  # noqa: E402
+from merge_of_thought.frozen import FrozenDelta  # noqa: E402
 from merge_of_thought.merging import LowRankDelta  # noqa: E402
+
+
+# student precision -> (how it is loaded, where the merged delta lives)
+HOMES = {"fp32": ("fp32", "adapter"), "fp32-weights": ("fp32", "weights"), "nf4": ("nf4", "adapter")}
 
 
 def merged_of_rank(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> dict[str, LowRankDelta]:
@@ -43,10 +49,12 @@ def merged_of_rank(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0)
     return merged
 
 
-def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int, warmup: int, batch: int):
-    """Step times of a fresh branch trained above a merged adapter of ``rank`` (0: none), and the wrapped model."""
+def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int, warmup: int, batch: int,
+               home: FrozenDelta):  # fmt: skip
+    """Step times of a fresh branch trained above a merged delta of ``rank`` (0: none) in ``home`` (a frozen
+    adapter, or the fp32 weights), and the wrapped model."""
     if rank:
-        model = adapters.install_merged(model, merged_of_rank(shapes, rank), None, "CAUSAL_LM")
+        model = home.install(model, merged_of_rank(shapes, rank))
     model = adapters.add_branch_adapter(model, "branch", lora, seed=0)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -61,7 +69,8 @@ def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="70m", choices=["70m", "tiny"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "nf4"])
+    parser.add_argument("--precisions", nargs="+", default=list(HOMES), choices=list(HOMES),
+                        help="fp32-weights: an fp32 student holding the delta in its weights (frozen_delta='weights')")
     parser.add_argument("--teachers", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
@@ -80,12 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"machine": machine(), "size": args.size, "teachers": args.teachers, "lora_r": args.lora_r,
               "batch": args.batch, "timed_steps": args.steps, "results": {}}
     for precision in args.precisions:
-        model = load(folder, precision)
+        loaded_as, home = HOMES[precision]
+        model = load(folder, loaded_as)
+        frozen = FrozenDelta(home, None, "CAUSAL_LM")
         modules = adapters.check_targets(model, lora)
         shapes = dict(zip(modules, adapters.layer_dims(model, modules)))
         rows = []
         for rank in ranks:
-            times, model = step_times(model, shapes, tokenizer, lora, rank, args.steps, warmup=2, batch=args.batch)
+            times, model = step_times(model, shapes, tokenizer, lora, rank, args.steps, warmup=2, batch=args.batch,
+                                      home=frozen)  # fmt: skip
             merged_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                             if adapters.MERGED_ADAPTER in n) / 2**20
             adapters.remove_adapter(model, "branch")

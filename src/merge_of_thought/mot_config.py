@@ -13,6 +13,7 @@ from trl import SFTConfig
 
 from . import distributed
 from .branches import BRANCH_STATES
+from .frozen import FROZEN_DELTA
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class MoTConfig(SFTConfig):
             from round to round, re-based onto the student by a frozen offset so it still starts each round exactly
             at the merged student: no LoRA restart, and with a constant `merge_step_size` the exact merged delta
             stays at rank K*r (branches.py). The per-round learning-rate schedule still restarts.
+        frozen_delta (`str`, defaults to `"auto"`): where the merged delta lives while branches train (frozen.py).
+            `"weights"` adds it into the base weights, which must be fp32 `nn.Linear` weights: no cost per step
+            (fp32 rounding adds ~6e-8 of |W| a round). `"adapter"` keeps it in a frozen fp32 LoRA adapter beside
+            the branch: exact on 4-bit, 8-bit and bf16 bases too, but each step pays an extra adapter pass whose
+            rank grows with the rounds. `"auto"`: `"weights"` for an fp32 student, else `"adapter"`. Either way
+            the merged delta is kept as exact low-rank factors for checkpoints and exports.
         shared_branch_init (`bool`, defaults to `False`): start every branch of a round from the same random LoRA
             ``A`` (the data order still differs per branch). Branches with independent inits learn in different
             random subspaces, so their average keeps only part of each; see benchmarks/quality/README.md.
@@ -124,6 +131,11 @@ class MoTConfig(SFTConfig):
         default="fresh",
         metadata={"help": "'fresh' (new LoRA + optimizer per round, the paper) or 'persistent' (kept across rounds).",
                   "choices": list(BRANCH_STATES)},
+    )
+    frozen_delta: str = field(
+        default="auto",
+        metadata={"help": "Where the merged delta lives while branches train: 'auto', 'weights' (fp32 students) or "
+                  "'adapter'.", "choices": list(FROZEN_DELTA)},
     )
     shared_branch_init: bool = field(
         default=False, metadata={"help": "Start every branch of a round from the same random LoRA A."}
@@ -205,5 +217,7 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
         if self.branch_state not in BRANCH_STATES:
             raise ValueError(f"branch_state must be 'fresh' or 'persistent', got {self.branch_state!r}.")
+        if self.frozen_delta not in FROZEN_DELTA:
+            raise ValueError(f"frozen_delta must be one of {FROZEN_DELTA}, got {self.frozen_delta!r}.")
         if self.on_branch_divergence not in ("raise", "drop"):
             raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")

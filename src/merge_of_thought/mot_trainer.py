@@ -9,7 +9,7 @@ The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs 
             dW_k = B_k @ A_k * scaling           # read in fp32, saved in PEFT format
         gather every branch's factors            # distributed.py; a no-op in one process
         D = D + s * sum_k w_k dW_k               # exact, as low-rank factors (merging.py); s = merge_step_size = 1
-        student = base + D                       # D is a frozen fp32 adapter; the base is never re-quantized
+        student = base + D                       # D: a frozen fp32 adapter, or in fp32 weights (frozen.py)
 
 Every branch adapter and every merged round is checkpointed atomically in ``output_dir`` (checkpointing.py), so
 ``train(resume_from_checkpoint=True)`` continues after the last completed branch with the same result.
@@ -36,7 +36,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, branches, distributed, quantization
+from . import adapters, branches, distributed, frozen, quantization
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
@@ -59,7 +59,8 @@ class MoTTrainer:
 
     Takes the arguments of TRL's :class:`~trl.SFTTrainer`, with ``teachers`` (teacher name -> data set, in any
     format SFTTrainer reads) in place of ``train_dataset``. ``trainer.train()`` runs all rounds; afterwards
-    ``trainer.model`` is the student (the base model with the merged delta as a frozen adapter).
+    ``trainer.model`` is the student: the base model with the merged delta in a frozen fp32 adapter, or for an fp32
+    student, added into its weights (``args.frozen_delta``; frozen.py).
 
     Args:
         model: a Hub id, a local folder, or a loaded causal LM (not a PeftModel: MoT attaches its own adapters).
@@ -107,6 +108,7 @@ class MoTTrainer:
                 "MoTTrainer was given a PeftModel. Pass the base model and the LoRA settings as peft_config: MoT "
                 "attaches a fresh adapter per branch and keeps the merged rounds in one of its own."
             )
+        frozen.check_unchanged(model)
         self.run = RunFolder(self.args.output_dir)
         self.run.check_writable()
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
@@ -132,7 +134,12 @@ class MoTTrainer:
                 init_kwargs.setdefault("device_map", distributed.model_device_map())
             model = create_model_from_path(model, **init_kwargs)
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
-        self._layer_dims = adapters.layer_dims(model, adapters.check_targets(model, self.peft_config))
+        targets = adapters.check_targets(model, self.peft_config)
+        self._layer_dims = adapters.layer_dims(model, targets)
+        # the merged delta's home while branches train: the fp32 weights themselves, or a frozen fp32 adapter
+        self.frozen = frozen.FrozenDelta(
+            frozen.resolve(self.args.frozen_delta, model, targets), self.base_model_id, self.peft_config.task_type
+        )
         self._quantization = adapters.quantization_summary(model)
 
         self.model: PreTrainedModel | PeftModel = model
@@ -195,9 +202,7 @@ class MoTTrainer:
             start = time.perf_counter()
             scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
             self.merged, reports = merge_round(self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance)
-            self.model = adapters.install_merged(  # student += s * sum_k w_k dW_k
-                self.model, self.merged, self.base_model_id, self.peft_config.task_type
-            )
+            self.model = self.frozen.install(self.model, self.merged)  # student = base + D_t
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports, teachers, weights)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
@@ -222,8 +227,8 @@ class MoTTrainer:
         init_seed = self._branch_seed(round_idx, 0 if self.args.shared_branch_init else k)
         start = self._branch_states.get(teacher) if self.args.branch_state == "persistent" else None
         if self.args.branch_state == "persistent" and self.merged is not None:  # train above D_t - P_k: at the student
-            frozen = branches.rebased_offset(self.merged, self._branch_products.get(teacher) if start else None)
-            self.model = adapters.install_merged(self.model, frozen, self.base_model_id, self.peft_config.task_type)
+            offset = branches.rebased_offset(self.merged, self._branch_products.get(teacher) if start else None)
+            self.model = self.frozen.install(self.model, offset)
         self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
         if start is not None:
             branches.load_factors(self.model, name, start)
@@ -372,6 +377,7 @@ class MoTTrainer:
             yield
         finally:
             adapters.remove_adapter(self.model, "mot_eval")
+            self.model = frozen.unwrap(self.model)  # the plain model again, as it was
 
     def _eval_loss(self) -> float:
         trainer = self._sft_trainer(
@@ -443,6 +449,7 @@ class MoTTrainer:
             "merge_step_size": self.args.merge_step_size,
             "shared_branch_init": self.args.shared_branch_init,
             "branch_state": self.args.branch_state,
+            "frozen_delta": self.frozen.home,
             "seed": self.args.seed,
         }
 
@@ -502,9 +509,7 @@ class MoTTrainer:
                 adapters.remove_adapter(self.model, name)
         self.merged = self.run.read_merged(point.rounds_done) if point.rounds_done else None
         if self.merged is not None:
-            self.model = adapters.install_merged(
-                self.model, self.merged, self.base_model_id, task_type=self.peft_config.task_type
-            )
+            self.model = self.frozen.install(self.model, self.merged)
         next_round = point.rounds_done + 1
         self._restored = {t: self.run.read_branch(next_round, t) for t in point.branches_done}
         self._restored.update({t: None for t in point.branches_dropped})

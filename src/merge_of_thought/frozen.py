@@ -1,0 +1,106 @@
+"""Where the student's merged delta lives while its branches train: a frozen fp32 adapter, or the fp32 weights.
+
+During a branch, the merged delta ``D_t`` (for persistent branches, the branch's offset ``D_t - P_k``) is frozen.
+``MoTConfig.frozen_delta`` chooses its home:
+
+- ``"adapter"``: a frozen fp32 LoRA adapter beside the branch (:func:`adapters.install_merged`). Exact on any base
+  (4-bit, 8-bit, bf16: never re-quantized), but every step pays a second adapter pass, whose rank grows by K*r a
+  round with fresh branches.
+- ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
+  cost at all. Each install adds the change since the last one (in float64, rounded once to fp32), so each round
+  adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a delta of 1e-3 ``|W|``), far inside the merge's 1e-3
+  fidelity bound. bf16 and 4-bit weights cannot hold a delta that small (bf16 loses 78% of a 1e-3 delta).
+- ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
+
+Either way the merged delta itself stays as exact low-rank factors (``MoTTrainer.merged``): checkpoints, exports and
+``mot merge`` read those, never the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from . import adapters
+from .merging import LowRankDelta
+
+FROZEN_DELTA = ("auto", "adapter", "weights")
+HOLDS_DELTA = "_mot_weights_hold_merged_delta"  # set on a model whose fp32 weights a run changed
+
+
+def weights_can_hold(model: PreTrainedModel, module_names: list[str]) -> bool:
+    """Whether every adapted layer is a plain fp32 ``nn.Linear`` (not a bitsandbytes or bf16 layer)."""
+    modules = [model.get_submodule(name) for name in module_names]
+    return all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in modules)
+
+
+def resolve(choice: str, model: PreTrainedModel, module_names: list[str]) -> str:
+    """``"adapter"`` or ``"weights"`` for this model; a clear error when the weights cannot hold the delta."""
+    if choice not in FROZEN_DELTA:
+        raise ValueError(f"frozen_delta must be one of {FROZEN_DELTA}, got {choice!r}.")
+    fits = weights_can_hold(model, module_names)
+    if choice == "weights" and not fits:
+        kinds = sorted({f"{type(m).__name__} ({m.weight.dtype})" for m in map(model.get_submodule, module_names)})
+        raise ValueError(
+            f"frozen_delta='weights' needs fp32 nn.Linear layers to add the merged delta into, but the adapted "
+            f"layers are {', '.join(kinds)}: quantized or bf16 weights would lose most of it. Use 'adapter' (or "
+            "'auto')."
+        )
+    if choice == "auto":
+        return "weights" if fits else "adapter"
+    return choice
+
+
+class FrozenDelta:
+    """Installs the frozen delta in its home; ``install`` returns the model the branches train on next."""
+
+    def __init__(self, home: str, base_model_name_or_path: str | None, task_type: str | None):
+        self.home = home
+        self.base_model_name_or_path, self.task_type = base_model_name_or_path, task_type
+        self._in_weights: dict[str, LowRankDelta] = {}  # what the weights hold now, on top of the loaded base
+
+    def install(
+        self, model: PreTrainedModel | PeftModel, delta: Mapping[str, LowRankDelta]
+    ) -> PreTrainedModel | PeftModel:
+        if self.home == "adapter":
+            return adapters.install_merged(model, delta, self.base_model_name_or_path, self.task_type)
+        model = unwrap(model)
+        with torch.no_grad():
+            for name in delta.keys() | self._in_weights.keys():
+                weight = model.get_submodule(name).weight
+                change = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+                if name in delta:
+                    change += _dense64(delta[name], weight.device)
+                if name in self._in_weights:
+                    change -= _dense64(self._in_weights[name], weight.device)
+                weight.copy_((weight.double() + change).float())
+        self._in_weights = dict(delta)
+        setattr(model, HOLDS_DELTA, True)
+        return model
+
+
+def check_unchanged(model: PreTrainedModel | str) -> None:
+    """Refuse a model whose weights already hold a MoT run's delta: a new run would start from that student while
+    its records and exports say it started from the base."""
+    if getattr(model, HOLDS_DELTA, False):
+        raise TypeError(
+            "This model's weights already hold the merged delta of a MoT run (trainer.model after a run with "
+            "frozen_delta='weights'). Load the base model again for a new run or a resume; to go on from that "
+            "student, export it with save_merged() and load that."
+        )
+
+
+def unwrap(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """The plain model under a PeftModel whose adapters were all removed (PEFT's ``unload``)."""
+    if not isinstance(model, PeftModel):
+        return model
+    if model.peft_config:
+        raise RuntimeError(f"adapters {sorted(model.peft_config)} are still attached; remove them first")
+    return model.unload()
+
+
+def _dense64(delta: LowRankDelta, device: torch.device) -> torch.Tensor:
+    return delta.B.to(device, torch.float64) @ delta.A.to(device, torch.float64)

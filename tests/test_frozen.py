@@ -1,0 +1,83 @@
+"""frozen.py: the merged delta added into an fp32 student's weights trains the same student as the frozen adapter,
+with no adapter pass left per step; quantized and bf16 students keep the adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+
+from merge_of_thought import MoTTrainer
+from merge_of_thought.adapters import check_targets, lora_layers
+from merge_of_thought.frozen import resolve
+
+from helpers import quick_config, quick_lora, quick_trainer
+
+
+class ActiveAdapters(TrainerCallback):
+    """The adapters active in the first adapted layer as each branch starts: what every step computes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layer = next(iter(lora_layers(model).values()))
+        self.seen.append((args.run_name, sorted(layer.active_adapters)))
+
+
+def run(qwen3_dir, teachers, folder, home, **config) -> tuple[MoTTrainer, ActiveAdapters]:
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32)
+    trainer = quick_trainer(model, teachers, folder, frozen_delta=home, **config)
+    probe = ActiveAdapters()
+    trainer.callbacks.append(probe)
+    trainer.train()
+    return trainer, probe
+
+
+@pytest.mark.parametrize("branch_state", ["fresh", "persistent"])
+def test_weights_hold_the_delta_the_adapter_held(qwen3_dir, tokenizer, teachers, tmp_path, branch_state):
+    two = dict(list(teachers.items())[:2])
+    in_weights, probe = run(qwen3_dir, two, tmp_path / "weights", "auto", branch_state=branch_state, num_rounds=3)
+    in_adapter, _ = run(qwen3_dir, two, tmp_path / "adapter", "adapter", branch_state=branch_state, num_rounds=3)
+
+    assert json.loads((tmp_path / "weights" / "mot_run.json").read_text())["frozen_delta"] == "weights"
+    for name, delta in in_adapter.merged.items():  # the same student, up to fp32 rounding
+        expected = delta.dense()
+        error = (in_weights.merged[name].dense() - expected).norm() / expected.norm()
+        assert error < 1e-4, f"{name}: {error:.2e}"
+    # No adapter is left on the student, and no branch ever ran beside a frozen one.
+    assert not isinstance(in_weights.model, PeftModel)
+    assert all(active == ["mot_branch_0"] or active == ["mot_branch_1"] for _, active in probe.seen)
+    base = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32)
+    for name, delta in in_weights.merged.items():  # the weights are the base plus the merged delta
+        weight = in_weights.model.get_submodule(name).weight.double()
+        loaded = base.get_submodule(name).weight.double()
+        change = delta.dense().double()
+        assert ((weight - loaded) - change).norm() / change.norm() < 1e-4
+    batch = tokenizer(["Q: 12+30=?\n"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(in_weights.model(**batch).logits, in_adapter.model(**batch).logits,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_quantized_and_bf16_students_keep_the_adapter(qwen3_dir, teachers, tmp_path):
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    for kwargs in ({"quantization_config": nf4}, {"dtype": torch.bfloat16}):
+        model = AutoModelForCausalLM.from_pretrained(qwen3_dir, **kwargs)
+        targets = check_targets(model, quick_lora())
+        assert resolve("auto", model, targets) == "adapter"
+        with pytest.raises(ValueError, match="frozen_delta='weights' needs fp32 nn.Linear"):
+            quick_trainer(model, teachers, tmp_path / "refused", frozen_delta="weights")
+        assert not (tmp_path / "refused" / "mot_run.json").exists()  # refused before anything was written
+
+
+def test_a_student_whose_weights_hold_a_delta_is_not_taken_for_a_base(qwen3_dir, teachers, tmp_path):
+    two = dict(list(teachers.items())[:2])
+    trainer = quick_trainer(qwen3_dir, two, tmp_path / "first", num_rounds=1, max_steps=1)
+    trainer.train()
+    with pytest.raises(TypeError, match="already hold the merged delta"):
+        MoTTrainer(trainer.model, args=quick_config(tmp_path / "second"), teachers=two,
+                   processing_class=trainer.processing_class, peft_config=quick_lora())  # fmt: skip
