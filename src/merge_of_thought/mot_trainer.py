@@ -116,6 +116,7 @@ class MoTTrainer:
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
         self._quantization: dict[str, Any] | None = None  # of the loaded student, for mot_run.json and the cards
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
+        self.frozen_delta: frozen.FrozenDelta | None = None  # where D_t lives; chosen once the model is loaded
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
         if processing_class is None:  # before the model: its chat template is checked first
@@ -137,7 +138,7 @@ class MoTTrainer:
         targets = adapters.check_targets(model, self.peft_config)
         self._layer_dims = adapters.layer_dims(model, targets)
         # the merged delta's home while branches train: the fp32 weights themselves, or a frozen fp32 adapter
-        self.frozen = frozen.FrozenDelta(
+        self.frozen_delta = frozen.FrozenDelta(
             frozen.resolve(self.args.frozen_delta, model, targets), self.base_model_id, self.peft_config.task_type
         )
         self._quantization = adapters.quantization_summary(model)
@@ -202,7 +203,7 @@ class MoTTrainer:
             start = time.perf_counter()
             scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
             self.merged, reports = merge_round(self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance)
-            self.model = self.frozen.install(self.model, self.merged)  # student = base + D_t
+            self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports, teachers, weights)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
@@ -228,7 +229,7 @@ class MoTTrainer:
         start = self._branch_states.get(teacher) if self.args.branch_state == "persistent" else None
         if self.args.branch_state == "persistent" and self.merged is not None:  # train above D_t - P_k: at the student
             offset = branches.rebased_offset(self.merged, self._branch_products.get(teacher) if start else None)
-            self.model = self.frozen.install(self.model, offset)
+            self.model = self.frozen_delta.install(self.model, offset)
         self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
         if start is not None:
             branches.load_factors(self.model, name, start)
@@ -449,7 +450,7 @@ class MoTTrainer:
             "merge_step_size": self.args.merge_step_size,
             "shared_branch_init": self.args.shared_branch_init,
             "branch_state": self.args.branch_state,
-            "frozen_delta": self.frozen.home,
+            "frozen_delta": self.frozen_delta.home if self.frozen_delta else self.args.frozen_delta,
             "seed": self.args.seed,
         }
 
@@ -509,7 +510,7 @@ class MoTTrainer:
                 adapters.remove_adapter(self.model, name)
         self.merged = self.run.read_merged(point.rounds_done) if point.rounds_done else None
         if self.merged is not None:
-            self.model = self.frozen.install(self.model, self.merged)
+            self.model = self.frozen_delta.install(self.model, self.merged)
         next_round = point.rounds_done + 1
         self._restored = {t: self.run.read_branch(next_round, t) for t in point.branches_done}
         self._restored.update({t: None for t in point.branches_dropped})
