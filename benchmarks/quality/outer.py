@@ -16,7 +16,6 @@ until it wins somewhere measured; only then does it become a MoTConfig option.
 from __future__ import annotations
 
 from merge_of_thought import MoTCallback
-from merge_of_thought.adapters import install_merged
 from merge_of_thought.merging import LowRankDelta, merge_round
 
 Delta = dict[str, LowRankDelta]
@@ -41,6 +40,6 @@ class NesterovOuterStep(MoTCallback):
         step = [self.lr, self.lr * self.momentum]
         merged, reports = merge_round(self.previous, [update, velocity], step, tolerance=tolerance)
         trainer.merged = merged
-        trainer.model = install_merged(trainer.model, merged, trainer.base_model_id, trainer.peft_config.task_type)
+        trainer.model = trainer.frozen_delta.install(trainer.model, merged)  # where the trainer keeps D_t
         self.previous, self.velocity = merged, velocity
         metrics["outer_rank"] = max(delta.rank for delta in merged.values())

@@ -251,8 +251,8 @@ class MoTTrainer:
         except BranchDivergedError as error:
             adapters.remove_adapter(self.model, name)
             return self._diverged(error)
+        adapter = adapters.detach_adapter(self.model, name)  # before the eval: its trainer recasts the branch
         scores = self._evaluate_branch()
-        adapter = adapters.detach_adapter(self.model, name)
         adapters.remove_adapter(self.model, name)
         if self.args.branch_state == "persistent":
             self._save_branch_state(round_idx, teacher, BranchState(adapter.state, branches.optimizer_state(
