@@ -90,6 +90,7 @@ class Job:
 
 # MoT variants for the follow-up (benchmarks/quality/README.md says why each): what changes against the main MoT
 # run. "config" goes to MoTConfig; each spends 1000 branch-steps unless its comment says otherwise.
+DILOCO_OUTER = {"lr": 0.7, "momentum": 0.9}  # DiLoCo's published outer step (outer.py), not tuned here
 ABLATIONS: dict[str, dict] = {
     "step2": {"config": {"merge_step_size": 2.0}},  # extrapolate the averaged update (outer step size 2)
     "step4": {"config": {"merge_step_size": 4.0}},  # = the SUM of the four branch deltas (task arithmetic)
@@ -105,8 +106,8 @@ ABLATIONS: dict[str, dict] = {
     "rank32": {"config": {"merge_max_rank": 32}},
     # added for the MoT-wins issue, after all of the above: branch state and DiLoCo's outer step (outer.py)
     "persistent": {"config": {"branch_state": "persistent"}},  # each teacher's LoRA factors + AdamW kept
-    "nesterov": {"outer": {"lr": 0.7, "momentum": 0.9}},  # DiLoCo's published outer values, not tuned here
-    "persistent-nesterov": {"config": {"branch_state": "persistent"}, "outer": {"lr": 0.7, "momentum": 0.9}},
+    "nesterov": {"outer": DILOCO_OUTER},
+    "persistent-nesterov": {"config": {"branch_state": "persistent"}, "outer": DILOCO_OUTER},
 }
 
 
@@ -114,7 +115,9 @@ def outer_steps(variant: dict) -> list:
     """The variant's outer optimizer as a MoTCallback (outer.py), or none: the paper's average."""
     if "outer" not in variant:
         return []
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from outer import NesterovOuterStep
 
     return [NesterovOuterStep(**variant["outer"])]

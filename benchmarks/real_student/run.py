@@ -63,8 +63,7 @@ QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, held_out=4, max_ne
 METHODS = ("mot", "mot-persistent", "restart-only", "mtd", *(f"std-{t}" for t in TEACHERS))
 # Not in the pre-registered design, added after it (the MoT-wins issue); run only when named with --methods:
 # DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here).
-EXPLORATORY = {"mot-nesterov": {"outer": {"lr": 0.7, "momentum": 0.9}},
-               "mot-persistent-nesterov": {"outer": {"lr": 0.7, "momentum": 0.9}}}
+EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"]}
 
 
 @dataclasses.dataclass(frozen=True)

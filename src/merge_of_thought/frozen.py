@@ -38,9 +38,8 @@ def weights_can_hold(model: PreTrainedModel, module_names: list[str]) -> bool:
 
 
 def resolve(choice: str, model: PreTrainedModel, module_names: list[str]) -> str:
-    """``"adapter"`` or ``"weights"`` for this model; a clear error when the weights cannot hold the delta."""
-    if choice not in FROZEN_DELTA:
-        raise ValueError(f"frozen_delta must be one of {FROZEN_DELTA}, got {choice!r}.")
+    """``"adapter"`` or ``"weights"`` for this model (``choice`` as MoTConfig validated it); a clear error when the
+    weights cannot hold the delta."""
     fits = weights_can_hold(model, module_names)
     if choice == "weights" and not fits:
         kinds = sorted({f"{type(m).__name__} ({m.weight.dtype})" for m in map(model.get_submodule, module_names)})
@@ -71,12 +70,12 @@ class FrozenDelta:
         with torch.no_grad():
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight
-                change = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+                exact = weight.double()  # base + what it holds, then swapped for base + delta: rounded once
                 if name in delta:
-                    change += _dense64(delta[name], weight.device)
+                    exact += _dense64(delta[name], weight.device)
                 if name in self._in_weights:
-                    change -= _dense64(self._in_weights[name], weight.device)
-                weight.copy_((weight.double() + change).float())
+                    exact -= _dense64(self._in_weights[name], weight.device)
+                weight.copy_(exact)
         self._in_weights = dict(delta)
         setattr(model, HOLDS_DELTA, True)
         return model
