@@ -5,6 +5,9 @@ PYTHON ?= python3
 # The CPU build of torch. An unpinned torch pulls a multi-GB CUDA build; on a GPU machine set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
+# Test processes (pytest-xdist; each test file runs whole on one of them, as TRL's `make test` does). Most tests use
+# one CPU thread, so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -23,7 +26,7 @@ demo: install
 	$(BIN)/mot demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) mot-demo-output .pytest_cache

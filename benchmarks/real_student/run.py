@@ -3,7 +3,7 @@
     python benchmarks/real_student/run.py                  # CPU protocol: 4 teachers x 5 rounds x 10 steps, 3 seeds
     python benchmarks/real_student/run.py --seeds 0        # one seed (each run is cached: run more seeds later)
     python benchmarks/real_student/run.py --steps 50       # the paper's 50 steps per round (a GPU)
-    python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step, 4 samples
+    python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step (batch 2)
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
@@ -55,8 +55,8 @@ class Setting(quality.Setting):
         return TEACHERS
 
 
-QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, held_out=4, max_new_tokens=16, general_prompts=4,
-                general_tokens=12)
+QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
+                general_prompts=4, general_tokens=12)
 
 # (method, variant): MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher,
 # T x S with a fresh branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher.
@@ -214,7 +214,7 @@ def summarize(results: list[dict], setting: Setting) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 1 step, 4 samples")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 1 step (batch 2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=list(METHODS),
