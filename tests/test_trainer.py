@@ -139,7 +139,7 @@ def test_fresh_adapter_and_optimizer_per_branch(qwen3_dir, teachers, tmp_path):
                     b_zero=all(p.abs().max() == 0 for n, p in trainable.items() if "lora_B" in n),
                     merged_frozen=all(MERGED_ADAPTER not in n for n in trainable),
                     n_trainable=len(trainable),
-                    optimizer=id(optimizer),
+                    optimizer=optimizer,  # the object: kept alive, its id cannot be reused by a later one
                     optimizer_state=len(optimizer.state),
                     lr_step=lr_scheduler.last_epoch,
                     step=state.global_step,
@@ -152,7 +152,7 @@ def test_fresh_adapter_and_optimizer_per_branch(qwen3_dir, teachers, tmp_path):
     assert [s["run"] for s in starts] == [f"round{r}/teacher{k}" for r in (1, 2) for k in range(3)]
     assert all(s["b_zero"] and s["merged_frozen"] for s in starts)
     assert len({s["n_trainable"] for s in starts}) == 1 and starts[0]["n_trainable"] == 2 * 7 * 2
-    assert len({s["optimizer"] for s in starts}) == len(starts)
+    assert len({id(s["optimizer"]) for s in starts}) == len(starts)  # a new optimizer per branch
     assert all(s["optimizer_state"] == 0 and s["lr_step"] == 0 and s["step"] == 0 for s in starts)
 
 
