@@ -87,6 +87,28 @@ def test_summary_reports_the_last_round_and_paired_differences(quality):
     assert summary["mot_rounds"]["MoT"][1]["mean"] == pytest.approx(0.9)
 
 
+def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tmp_path):
+    def run(name, seed, accuracy, steps):
+        curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,
+                 "pretrain_accuracy": 0.9}]  # fmt: skip
+        return {"name": name, "job": {"seed": seed}, "curve": curve, "seconds": 1.0}
+
+    setting = dataclasses.replace(quality.FULL)
+    results = [run("MoT", 0, 0.5, 1000), run("MoT", 1, 0.7, 1000), run("STD-column", 0, 0.4, 250),
+               run("STD-column", 1, 0.9, 250), run("MoT-persistent", 1, 0.8, 1000)]  # fmt: skip
+    summary = quality.summarize(results, setting)
+    assert summary["mot_minus"]["STD-column"]["values"] == pytest.approx([0.1, -0.2])
+    persistent = summary["MoT-persistent_minus"]
+    assert persistent["STD-column"]["seeds"] == [1] and persistent["STD-column"]["values"] == pytest.approx([-0.1])
+    assert persistent["MoT"]["values"] == pytest.approx([0.1])  # seed 1's MoT, not the mean of both seeds
+    summary["not_run"] = ["MoT-persistent seed 0"]
+    quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
+    text = (tmp_path / "q.md").read_text()
+    assert "Seeds: [0, 1]" in text and "| MoT-persistent (seed 1 only) | 1000 | 0.800 +- 0.000 |" in text
+    assert "- vs MoT: 0.100 +- 0.000 (per seed 1: +0.100)" in text
+    assert "Not run yet (cached runs only): MoT-persistent seed 0." in text
+
+
 def test_mtd_250_is_the_first_250_steps_of_mtd_1000(tmp_path):
     """The benchmark reads MTD-250 at step 250 of MTD-1000: true with a constant learning rate and the same seed."""
     _, tokenizer = load_demo_student()

@@ -55,3 +55,7 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     again = bench.main(["--quick", "--methods", "mot", "--work-dir", str(tmp_path / "work"),
                         "--results-dir", str(tmp_path / "results")])  # fmt: skip
     assert again["runs_from_cache"] == 1  # an interrupted benchmark resumes from its cached runs
+    report = bench.main(["--quick", "--cached-only", "--methods", "mot", "mtd", "--work-dir", str(tmp_path / "work"),
+                         "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    assert set(report["methods"]) == {"MoT"} and report["not_run"] == ["MTD seed 0"]  # reported, nothing trained
+    assert "Not run yet (cached runs only): MTD seed 0." in (tmp_path / "results" / "real_student_quick.md").read_text()

@@ -269,10 +269,13 @@ def summarize(results: list[dict], setting: Setting) -> dict:
         for variant in (name for name in rows if name.startswith("MoT")):
             key = "mot_minus" if variant == "MoT" else f"{variant}_minus"
             for baseline in (best, mtd_path, mtd_compute, *(["MoT"] if variant != "MoT" else [])):
-                if baseline not in rows or rows[baseline]["seeds"] != rows[variant]["seeds"]:
+                if baseline not in rows:
                     continue
-                mot, other = rows[variant]["accuracy"]["values"], rows[baseline]["accuracy"]["values"]
-                summary.setdefault(key, {})[baseline] = _mean_std([a - b for a, b in zip(mot, other)])
+                mot, other = _by_seed(rows[variant]), _by_seed(rows[baseline])
+                seeds = sorted(mot.keys() & other.keys())  # paired on the seeds both have run
+                if seeds:
+                    paired = _mean_std([mot[s] - other[s] for s in seeds])
+                    summary.setdefault(key, {})[baseline] = {**paired, "seeds": seeds}
     for name, curves in by_name.items():
         if name.startswith("MoT"):
             per_round = {}
@@ -285,13 +288,17 @@ def summarize(results: list[dict], setting: Setting) -> dict:
     return summary
 
 
+def _by_seed(row: dict) -> dict[int, float]:
+    return dict(zip(row["seeds"], row["accuracy"]["values"]))
+
+
 def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
                    design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
-    seeds = next(iter(summary["methods"].values()))["seeds"]
+    seeds = sorted({s for row in summary["methods"].values() for s in row["seeds"]})
     cached = summary.get("runs_from_cache", 0)
     timing = f"{wall_seconds / 60:.1f} min on this machine" + (
         f"; {cached} runs were read from the cache of earlier invocations, their own seconds are in the JSON"
@@ -310,13 +317,19 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
     ]
     for name, row in summary["methods"].items():
         best = " (best STD)" if name == summary.get("best_std") else ""
+        if row["seeds"] != seeds:  # a method not yet run on every seed says on which
+            best += f" (seed{'s' * (len(row['seeds']) > 1)} {', '.join(map(str, row['seeds']))} only)"
         lines.append(f"| {name}{best} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['pretrain_accuracy'])} "
                      f"| {_fmt(row['forgetting'])} |")
     for key in (k for k in summary if k.endswith("_minus")):
         variant = "MoT" if key == "mot_minus" else key.removesuffix("_minus")
         lines += ["", f"{variant} minus baseline, paired by seed (held-out accuracy):", ""]
         for baseline, diff in summary[key].items():
-            lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed: {', '.join(f'{v:+.3f}' for v in diff['values'])})")
+            per_seed = ", ".join(f"{v:+.3f}" for v in diff["values"])
+            on = f" {', '.join(map(str, diff['seeds']))}" if "seeds" in diff else ""
+            lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed{on}: {per_seed})")
+    if summary.get("not_run"):
+        lines += ["", f"Not run yet (cached runs only): {', '.join(summary['not_run'])}."]
     for name, rounds in summary.get("mot_rounds", {}).items():
         lines += ["", f"{name} per round (round 0 = the starting student):", "",
                   "| round | " + " | ".join(str(r) for r in rounds) + " |",

@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=list(METHODS),
                         help="default: the pre-registered ones; the exploratory ones run only when named")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "real_student"))
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -235,11 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     references, start_point = untrained_student(folder, work, setting)
     jobs = [Job(method, seed) for seed in seeds for method in args.methods]
-    results = []
+    results, not_run = [], []
     for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores
         path = work / f"{job.name}-seed{job.seed}.json"
         if path.exists():
             result = {**json.loads(path.read_text()), "cached": True}
+        elif args.cached_only:
+            not_run.append(f"{job.name} seed {job.seed}")
+            continue
         else:
             result = run_job(job, setting, folder, references, start_point)
             quality.write_json_atomic(path, result)
@@ -248,9 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{done}/{len(jobs)}] {job.name} seed {job.seed}: accuracy {final['accuracy']:.3f}, general NLL "
               f"{final['general_nll']:.3f} ({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)",
               flush=True)  # fmt: skip
+    if not results:
+        raise SystemExit(f"No run is cached in {work} yet: run without --cached-only to train them.")
     summary = summarize(results, setting)
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
-                   for r in results), untrained=start_point)  # fmt: skip
+                   for r in results), untrained=start_point, not_run=not_run)  # fmt: skip
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
                           else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
