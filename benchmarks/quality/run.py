@@ -326,8 +326,7 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         lines += ["", f"{variant} minus baseline, paired by seed (held-out accuracy):", ""]
         for baseline, diff in summary[key].items():
             per_seed = ", ".join(f"{v:+.3f}" for v in diff["values"])
-            on = f" {', '.join(map(str, diff['seeds']))}" if "seeds" in diff else ""
-            lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed{on}: {per_seed})")
+            lines.append(f"- vs {baseline}: {_fmt(diff)} (per seed {', '.join(map(str, diff['seeds']))}: {per_seed})")
     if summary.get("not_run"):
         lines += ["", f"Not run yet (cached runs only): {', '.join(summary['not_run'])}."]
     for name, rounds in summary.get("mot_rounds", {}).items():

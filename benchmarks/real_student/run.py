@@ -233,18 +233,23 @@ def main(argv: list[str] | None = None) -> dict:
     tag = "quick" if args.quick else f"s{setting.steps_per_round}"
     work = Path(args.work_dir) / tag
     work.mkdir(parents=True, exist_ok=True)
-    folder = str(smollm2_135m())
     start = time.perf_counter()
-    references, start_point = untrained_student(folder, work, setting)
     jobs = [Job(method, seed) for seed in seeds for method in args.methods]
-    results, not_run = [], []
+    cached = {job: work / f"{job.name}-seed{job.seed}.json" for job in jobs}
+    not_run = [f"{job.name} seed {job.seed}" for job in jobs if args.cached_only and not cached[job].exists()]
+    if args.cached_only:  # report only: neither the student nor its untrained scores are computed
+        jobs = [job for job in jobs if cached[job].exists()]
+        if not jobs:
+            raise SystemExit(f"No run is cached in {work} yet: run without --cached-only to train them.")
+        start_point = json.loads((work / "untrained.json").read_text())  # written before any run
+    else:
+        folder = str(smollm2_135m())
+        references, start_point = untrained_student(folder, work, setting)
+    results = []
     for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores
-        path = work / f"{job.name}-seed{job.seed}.json"
+        path = cached[job]
         if path.exists():
             result = {**json.loads(path.read_text()), "cached": True}
-        elif args.cached_only:
-            not_run.append(f"{job.name} seed {job.seed}")
-            continue
         else:
             result = run_job(job, setting, folder, references, start_point)
             quality.write_json_atomic(path, result)
@@ -253,8 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{done}/{len(jobs)}] {job.name} seed {job.seed}: accuracy {final['accuracy']:.3f}, general NLL "
               f"{final['general_nll']:.3f} ({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)",
               flush=True)  # fmt: skip
-    if not results:
-        raise SystemExit(f"No run is cached in {work} yet: run without --cached-only to train them.")
     summary = summarize(results, setting)
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
                    for r in results), untrained=start_point, not_run=not_run)  # fmt: skip

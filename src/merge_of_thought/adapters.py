@@ -189,7 +189,9 @@ def detach_adapter(model: PeftModel, adapter: str) -> AdapterWeights:
     state = get_peft_model_state_dict(model, adapter_name=adapter)
     scaling = {name: layer.scaling[adapter] for name, layer in lora_layers(model).items() if adapter in layer.lora_A}
     return AdapterWeights(
-        state={k: v.detach().float().cpu().clone() for k, v in state.items()},  # copies: the live adapter may be recast
+        # copies (the live adapter may be recast later), contiguous for safetensors: one copy per tensor
+        state={k: v.detach().to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
+               for k, v in state.items()},  # fmt: skip
         config=model.peft_config[adapter].to_dict(),
         scaling=scaling,
     )
