@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -337,9 +338,10 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: list[dict], summary: dict, path: Path) -> None:
-    """Held-out and pre-training accuracy against total SFT steps (mean over seeds, +- std shaded, clipped to
-    [0, 1]), and the two against each other: how much a method forgets for what it learns."""
+def plot(results: list[dict], summary: dict, path: Path, probe_is_accuracy: bool = True) -> None:
+    """Held-out and pre-training accuracy against total SFT steps (mean over seeds, +- std shaded, an accuracy's
+    band clipped to [0, 1]), and the two against each other: how much a method forgets for what it learns.
+    ``probe_is_accuracy=False`` for a probe that is no accuracy (the real student's minus NLL): no clipping."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,15 +361,17 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             means[key] = mean = [statistics.fmean(v) for v in values]
             spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             (line,) = ax.plot(steps, mean, marker="o", ms=3, label=name, **style)
-            low = [max(0.0, m - s) for m, s in zip(mean, spread)]
-            high = [min(1.0, m + s) for m, s in zip(mean, spread)]
+            floor, ceiling = (0.0, 1.0) if key == "accuracy" or probe_is_accuracy else (-math.inf, math.inf)
+            low = [max(floor, m - s) for m, s in zip(mean, spread)]
+            high = [min(ceiling, m + s) for m, s in zip(mean, spread)]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.1)
         axes[2].plot(means["accuracy"], means["pretrain_accuracy"], marker="o", ms=3, color=line.get_color(),
                      label=name, **style)
     axes[0].set(xlabel="total SFT steps (MoT: 4 branches per round)", ylabel="held-out accuracy",
                 title="Distillation: held-out final-answer accuracy")
-    axes[1].set(xlabel="total SFT steps", ylabel="pre-training probe accuracy", title="Forgetting")
-    axes[2].set(xlabel="held-out accuracy", ylabel="pre-training probe accuracy",
+    probe = "pre-training probe accuracy" if probe_is_accuracy else "pre-training probe score (minus NLL)"
+    axes[1].set(xlabel="total SFT steps", ylabel=probe, title="Forgetting")
+    axes[2].set(xlabel="held-out accuracy", ylabel=probe,
                 title="Forgetting against learning (every checkpoint)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}"
     quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
                            title=title, design="benchmarks/real_student/README.md", probe=PROBE)  # fmt: skip
-    quality.plot(results, summary, out / f"real_student{suffix}.png")
+    quality.plot(results, summary, out / f"real_student{suffix}.png", probe_is_accuracy=False)
     print((out / f"real_student{suffix}.md").read_text())
     return summary
 
