@@ -317,10 +317,10 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         "|---|---:|---:|---:|---:|",
     ]
     for name, row in summary["methods"].items():
-        best = " (best STD)" if name == summary.get("best_std") else ""
+        label = name + (" (best STD)" if name == summary.get("best_std") else "")
         if row["seeds"] != seeds:  # a method not yet run on every seed says on which
-            best += f" (seed{'s' * (len(row['seeds']) > 1)} {', '.join(map(str, row['seeds']))} only)"
-        lines.append(f"| {name}{best} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['pretrain_accuracy'])} "
+            label += f" (seed{'s' * (len(row['seeds']) > 1)} {', '.join(map(str, row['seeds']))} only)"
+        lines.append(f"| {label} | {row['steps']} | {_fmt(row['accuracy'])} | {_fmt(row['pretrain_accuracy'])} "
                      f"| {_fmt(row['forgetting'])} |")
     for key in (k for k in summary if k.endswith("_minus")):
         variant = "MoT" if key == "mot_minus" else key.removesuffix("_minus")

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     jobs = [Job(method, seed) for seed in seeds for method in args.methods]
     cached = {job: work / f"{job.name}-seed{job.seed}.json" for job in jobs}
-    not_run = [f"{job.name} seed {job.seed}" for job in jobs if args.cached_only and not cached[job].exists()]
+    not_run: list[str] = []
     if args.cached_only:  # report only: neither the student nor its untrained scores are computed
+        not_run = [f"{job.name} seed {job.seed}" for job in jobs if not cached[job].exists()]
         jobs = [job for job in jobs if cached[job].exists()]
         if not jobs:
             raise SystemExit(f"No run is cached in {work} yet: run without --cached-only to train them.")
