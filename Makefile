@@ -5,8 +5,9 @@ PYTHON ?= python3
 # The CPU build of torch. An unpinned torch pulls a multi-GB CUDA build; on a GPU machine set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
-# Test processes (pytest-xdist; each test file runs whole on one of them, as TRL's `make test` does). Most tests use
-# one CPU thread, so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0 runs them in this process.
+# Test processes (pytest-xdist). Each test file runs whole on one of them, as with --dist loadfile, except the two files
+# that train on two threads, which share one so they never overlap (tests/conftest.py). Most tests use one CPU
+# thread, so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
@@ -26,7 +27,7 @@ demo: install
 	$(BIN)/mot demo
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) mot-demo-output .pytest_cache

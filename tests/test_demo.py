@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from helpers import TWO_THREADS
 from merge_of_thought.cli import main
 from merge_of_thought.demo.task import TEACHERS, extract_answer, make_problems, make_teacher_dataset
+
+pytestmark = pytest.mark.xdist_group(TWO_THREADS)  # trains on two threads: never beside the other one
 
 
 def test_mot_demo_shows_learning(cpu_4bit_repacking, tmp_path, capsys):

@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from helpers import load_benchmark
+from helpers import TWO_THREADS, load_benchmark
+
+pytestmark = pytest.mark.xdist_group(TWO_THREADS)  # trains on two threads: never beside the other one
 
 
 @pytest.fixture(scope="module")
