@@ -15,7 +15,7 @@ from merge_of_thought import MoTConfig, MoTTrainer
 
 TWO_THREADS = "two-cpu-threads"
 """The pytest-xdist group of the test files that train on two CPU threads (the demo, the real student's smoke run):
-two of them at once oversubscribe two cores (a fresh-clone suite took 12.1 min when they overlapped, 8.0 when not),
+two of them at once oversubscribe two cores (a fresh-clone suite took 15.7 min when they overlapped, 12.8 when not),
 so they share one unit of work and run one after the other (conftest.py groups every other file by itself)."""
 
 
