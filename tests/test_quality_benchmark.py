@@ -61,12 +61,14 @@ def test_pretraining_probes_score_the_shipped_student():
     assert pretraining_accuracy(model, tokenizer, probes) < 0.1
 
 
-def test_summary_reports_the_last_round_and_paired_differences(quality):
+def test_summary_reports_the_last_round_and_paired_differences(quality, tmp_path):
     def run(name, seed, accuracies, steps, method="std"):
         curve = [{"steps": s, "accuracy": a, "pretrain_accuracy": 1.0 - s / 1000} for s, a in zip(steps, accuracies)]
         if method == "mot":
             for round_idx, point in enumerate(curve):
                 point["round"] = round_idx
+                if round_idx:  # the merges' agreement, recorded from round 1
+                    point["merge_kept_norm"] = 0.5 + 0.1 * round_idx + 0.1 * seed
         return {"name": name, "job": {"seed": seed, "method": method}, "curve": curve, "seconds": 1.0}
 
     setting = dataclasses.replace(quality.FULL)
@@ -85,6 +87,9 @@ def test_summary_reports_the_last_round_and_paired_differences(quality):
     assert summary["mot_minus"]["STD-column"]["values"] == pytest.approx([-0.2, -0.3])
     assert methods["MoT"]["forgetting"]["mean"] == pytest.approx(1.0)
     assert summary["mot_rounds"]["MoT"][1]["mean"] == pytest.approx(0.9)
+    assert summary["mot_kept_norm"]["MoT"][2]["values"] == pytest.approx([0.7, 0.8])
+    quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
+    assert "| merge kept norm | - | 0.650 +- 0.071 | 0.750 +- 0.071 |" in (tmp_path / "q.md").read_text()
 
 
 def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tmp_path):
@@ -147,6 +152,8 @@ def test_micro_run_of_each_method(quality, method):
     assert all(0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["pretrain_accuracy"] <= 1.0 for p in result["curve"])
     assert result["curve"][0]["pretrain_accuracy"] >= 0.9
     assert result["name"] == {"mot": "MoT", "mtd": "MTD", "std": "STD-column"}[method]
+    if method == "mot":  # each merge records how much of the branch updates' norm it kept
+        assert all(0.0 < point["merge_kept_norm"] <= 1.0 for point in result["curve"][1:])
 
 
 def test_nesterov_outer_step_is_dilocos_formula_on_the_branch_deltas(qwen3_dir, tokenizer, tmp_path):

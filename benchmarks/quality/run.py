@@ -185,7 +185,7 @@ def run_job(job: Job, setting: Setting) -> dict:
         class ScoreRound(MoTCallback):
             def on_round_end(self, trainer, round_idx, metrics):
                 steps = round_idx * steps_per_round * len(branches)
-                merge = {key: metrics[key] for key in ("merge_rel_error_max", "merge_rank")}
+                merge = {key: metrics[key] for key in ("merge_rel_error_max", "merge_rank", "merge_kept_norm")}
                 curve.append({"steps": steps, "round": round_idx,
                               **_score(trainer.model, tokenizer, held_out, probes), **merge})
 
@@ -279,11 +279,15 @@ def summarize(results: list[dict], setting: Setting) -> dict:
                     summary.setdefault(key, {})[baseline] = {**paired, "seeds": seeds}
     for name, curves in by_name.items():
         if name.startswith("MoT"):
-            per_round = {}
+            per_round, kept = {}, {}
             for curve in curves.values():
                 for point in curve:
                     per_round.setdefault(point.get("round", 0), []).append(point["accuracy"])
+                    if "merge_kept_norm" in point:  # how much of the branch updates' norm the merge kept
+                        kept.setdefault(point["round"], []).append(point["merge_kept_norm"])
             summary.setdefault("mot_rounds", {})[name] = {r: _mean_std(v) for r, v in sorted(per_round.items())}
+            if kept:
+                summary.setdefault("mot_kept_norm", {})[name] = {r: _mean_std(v) for r, v in sorted(kept.items())}
     summary["seconds_per_run"] = {name: statistics.fmean(r["seconds"] for r in results if r["name"] == name)
                                   for name in by_name}
     return summary
@@ -335,6 +339,10 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
                   "| round | " + " | ".join(str(r) for r in rounds) + " |",
                   "|---|" + "---:|" * len(rounds),
                   "| accuracy | " + " | ".join(_fmt(v) for v in rounds.values()) + " |"]
+        kept = summary.get("mot_kept_norm", {}).get(name)
+        if kept:  # the branches' agreement: |average update| / average |update|, 1 = they agree
+            lines.append("| merge kept norm | " + " | ".join(_fmt(kept[r]) if r in kept else "-" for r in rounds)
+                         + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
