@@ -109,6 +109,10 @@ ABLATIONS: dict[str, dict] = {
     "persistent": {"config": {"branch_state": "persistent"}},  # each teacher's LoRA factors + AdamW kept
     "nesterov": {"outer": DILOCO_OUTER},
     "persistent-nesterov": {"config": {"branch_state": "persistent"}, "outer": DILOCO_OUTER},
+    # added for the study of branch travel (README.md), after the shared regime's 8 seeds: S against T at equal
+    # compute with no restart cost, and step4 above as the outer learning rate's extreme
+    "persistent-10x25": {"config": {"branch_state": "persistent"}, "rounds": 10, "steps_per_round": 25},
+    "persistent-25x10": {"config": {"branch_state": "persistent"}, "rounds": 25, "steps_per_round": 10},
 }
 
 
