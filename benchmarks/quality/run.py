@@ -1,9 +1,9 @@
 """Quality benchmark: MoT vs the best single teacher (STD) vs the union of all teachers (MTD), in miniature.
 
-    python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 3 seeds (~40 min, 2 cores)
+    python benchmarks/quality/run.py            # 4 teachers x 5 rounds x 50 steps, 8 seeds (~52 min, 2 cores)
     python benchmarks/quality/run.py --quick    # 1 seed, 2 rounds x 10 steps (< 5 min)
     python benchmarks/quality/run.py --ablations --seeds 0
-    python benchmarks/quality/run.py --regime shared --seeds 0 1 2 3 4 5 6 7   # teachers sharing one format
+    python benchmarks/quality/run.py --regime shared   # teachers sharing one format
 
 The design (student, task, teachers, hyperparameters, reporting rule) and why: benchmarks/quality/README.md.
 Each run (method x seed) is one job on a worker process with one CPU thread; its result is cached as JSON in
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds x 10 steps: a smoke test")
     parser.add_argument("--ablations", action="store_true", help="run the MoT variants of ABLATIONS instead")
     parser.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), help="with --ablations: only these")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-7, the design's 8 (--quick: 0)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, 1 thread each")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "quality"))
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the saved .json")
     args = parser.parse_args(argv)
     setting = dataclasses.replace(QUICK if args.quick else FULL, regime=args.regime)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    seeds = args.seeds or ([0] if args.quick else list(range(8)))
     regime = "" if args.regime == "formats" else f"_{args.regime}"
     suffix = regime + ("_quick" if args.quick else "_ablations" if args.ablations else "")
     cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}{regime.replace('_', '-')}"
