@@ -92,6 +92,25 @@ def test_summary_reports_the_last_round_and_paired_differences(quality, tmp_path
     assert "| merge kept norm | - | 0.650 +- 0.071 | 0.750 +- 0.071 |" in (tmp_path / "q.md").read_text()
 
 
+def test_runs_are_cached_per_machine_and_the_report_names_it(quality, tmp_path):
+    """One seed's run differs between CPUs (README.md), so the cache is per machine and a report says which."""
+    identity = quality.machine()
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert identity["cpu_flags"] == [flag for flag in quality.KERNEL_FLAGS if flag in flags]
+    assert identity["torch"] == torch.__version__ and identity["cpu"]
+    assert quality.machine_tag(identity) == quality.machine_tag(dict(identity))  # stable within a machine
+    toggled = {**identity, "cpu_flags": sorted(set(identity["cpu_flags"]) ^ {"avx512_bf16"})}
+    assert quality.machine_tag(toggled) != quality.machine_tag(identity)  # another CPU: another cache folder
+    curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": 250, "accuracy": 0.5,
+             "pretrain_accuracy": 0.9}]  # fmt: skip
+    summary = quality.summarize([{"name": "STD-column", "job": {"seed": 0}, "curve": curve, "seconds": 1.0}],
+                                quality.FULL)  # fmt: skip
+    summary["machine"] = {**identity, "cpu": "Test CPU", "cpu_flags": ["avx2", "avx512_bf16"], "torch": "9.9"}
+    quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
+    report = (tmp_path / "q.md").read_text()
+    assert "Machine (every run): Test CPU (avx2, avx512_bf16); torch 9.9, bitsandbytes" in report
+
+
 def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tmp_path):
     def run(name, seed, accuracy, steps):
         curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,

@@ -54,6 +54,9 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     assert all(0 <= p["accuracy"] <= 1 and p["general_nll"] > 0 for p in mot["curve"])
     assert (tmp_path / "results" / "real_student_quick.png").read_bytes().startswith(b"\x89PNG")
     assert "| MoT | 8 |" in (tmp_path / "results" / "real_student_quick.md").read_text()
+    identity = bench.quality.machine()
+    assert saved["summary"]["machine"] == identity  # the runs' machine, whose kernels decide their results
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [f"quick-{bench.quality.machine_tag(identity)}"]
     again = bench.main(["--quick", "--methods", "mot", "--work-dir", str(tmp_path / "work"),
                         "--results-dir", str(tmp_path / "results")])  # fmt: skip
     assert again["runs_from_cache"] == 1  # an interrupted benchmark resumes from its cached runs

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import importlib.metadata
 import io
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +41,25 @@ REGIMES = {"formats": TEACHERS, "shared": ("column", "commuted", "split", "noisy
 # (merge_of_thought.baselines) with fp32 adapters like MoT's; version 1 trained them with TRL's SFTTrainer, which
 # keeps QLoRA adapters in bf16 (an unequal comparison; benchmarks/results/quality*.md were measured with it).
 CACHE_VERSION = 2
+# The CPU flags that pick torch's and bitsandbytes' kernels. One seed's run gives different results on two CPUs
+# (README.md: MoT seed 0 scored 0.43 on an AMD EPYC without AVX512 and 0.84 on one with AVX512-BF16), so runs are
+# cached per machine and a results file names the machine its runs came from.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def machine() -> dict:
+    """The CPU and the numeric libraries that, besides the seed, decide a run's floating-point results."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    flags = set(cpuinfo.split())
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
+            "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+            **{lib: importlib.metadata.version(lib) for lib in ("torch", "bitsandbytes", "transformers", "peft")}}
+
+
+def machine_tag(identity: dict) -> str:
+    """A short name for a machine identity: the cache folder of its runs."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +327,12 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
+def _describe(identity: dict) -> str:
+    flags = ", ".join(identity["cpu_flags"]) or "none of " + ", ".join(KERNEL_FLAGS)
+    libraries = ", ".join(f"{lib} {identity[lib]}" for lib in ("torch", "bitsandbytes", "transformers", "peft"))
+    return f"{identity['cpu']} ({flags}); {libraries}"
+
+
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
                    design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
     seeds = sorted({s for row in summary["methods"].values() for s in row["seeds"]})
@@ -319,6 +347,7 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         f"{design}. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
         probe or "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
+        *([f"Machine (every run): {_describe(summary['machine'])}."] if summary.get("machine") else []),
         "",
         f"| method | SFT steps | held-out accuracy | {'probe score' if probe else 'pre-training accuracy'} "
         "| forgetting |",
@@ -407,7 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or ([0] if args.quick else list(range(8)))
     regime = "" if args.regime == "formats" else f"_{args.regime}"
     suffix = regime + ("_quick" if args.quick else "_ablations" if args.ablations else "")
-    cache = Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}{regime.replace('_', '-')}"
+    identity = machine()
+    cache = (Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}{regime.replace('_', '-')}"
+             f"-{machine_tag(identity)}")  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(seeds, args.ablations, args.variants, setting.teachers)
     if args.ablations:  # the reference MoT and best-STD runs of the same seeds, from the main comparison's cache
@@ -416,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         saved = json.loads((out / f"quality{suffix}.json").read_text())
         summary = summarize(saved["runs"], setting)
-        summary.update({key: saved["summary"].get(key) for key in ("wall_seconds", "command", "runs_from_cache")})
+        keys = ("wall_seconds", "command", "runs_from_cache", "machine")
+        summary.update({key: saved["summary"].get(key) for key in keys})
         return _report(saved["runs"], summary, out, suffix)
     start = time.perf_counter()
     results = []
@@ -434,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(results, setting)
     summary["wall_seconds"] = wall
     summary["runs_from_cache"] = sum(bool(r.pop("cached", False)) for r in results)
+    summary["machine"] = identity
     command = "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary["command"] = command.strip()
     out.mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         setting = dataclasses.replace(setting, steps_per_round=args.steps)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     tag = "quick" if args.quick else f"s{setting.steps_per_round}"
-    work = Path(args.work_dir) / tag
+    identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
+    work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = [Job(method, seed) for seed in seeds for method in args.methods]
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)  # fmt: skip
     summary = summarize(results, setting)
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
-                   for r in results), untrained=start_point, not_run=not_run)  # fmt: skip
+                   for r in results), untrained=start_point, not_run=not_run, machine=identity)  # fmt: skip
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
                           else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
