@@ -1,6 +1,7 @@
 """benchmarks/quality/run.py: its reporting rule, its MTD-250 shortcut, and one real micro run of each method."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -109,6 +110,23 @@ def test_runs_are_cached_per_machine_and_the_report_names_it(quality, tmp_path):
     quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
     report = (tmp_path / "q.md").read_text()
     assert "Machine (every run): Test CPU (avx2, avx512_bf16); torch 9.9, bitsandbytes" in report
+
+
+def test_a_learning_rate_arm_has_its_own_cache_and_results(quality, tmp_path):
+    """Every method at another learning rate: its runs never meet the default rate's in a cache or a table."""
+    arm = dataclasses.replace(quality.FULL, regime="shared", learning_rate=1e-3)
+    identity = quality.machine()
+    assert quality.results_suffix(quality.FULL, quick=False, ablations=False) == ""  # the committed names stay
+    assert quality.results_suffix(arm, quick=False, ablations=True) == "_shared_lr0.001_ablations"
+    assert quality.cache_folder(arm, False, identity) == f"full-v2-shared-lr0.001-{quality.machine_tag(identity)}"
+    curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": 250, "accuracy": 0.5,
+             "pretrain_accuracy": 0.9}]  # fmt: skip
+    runs = [{"name": "STD-column", "job": {"seed": 0}, "curve": curve, "seconds": 1.0}]
+    saved = {"summary": {"wall_seconds": 1.0, "command": "cmd", "runs_from_cache": 0}, "runs": runs}
+    (tmp_path / "quality_shared_lr0.001.json").write_text(json.dumps(saved))
+    quality.main(["--regime", "shared", "--learning-rate", "1e-3", "--report-only", "--results-dir", str(tmp_path),
+                  "--work-dir", str(tmp_path / "work")])  # fmt: skip
+    assert "| STD-column (best STD) | 250 | 0.500 +- 0.000 |" in (tmp_path / "quality_shared_lr0.001.md").read_text()
 
 
 def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tmp_path):

@@ -430,15 +430,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--regime", choices=sorted(REGIMES), default="formats",
                         help="teachers: 'formats' (the original four) or 'shared' (one surface format; README.md)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="every method's SFT learning rate (default 3e-3); results get the suffix _lr<value>")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the saved .json")
     args = parser.parse_args(argv)
-    setting = dataclasses.replace(QUICK if args.quick else FULL, regime=args.regime)
+    base = QUICK if args.quick else FULL
+    setting = dataclasses.replace(base, regime=args.regime, learning_rate=args.learning_rate or base.learning_rate)
     seeds = args.seeds or ([0] if args.quick else list(range(8)))
-    regime = "" if args.regime == "formats" else f"_{args.regime}"
-    suffix = regime + ("_quick" if args.quick else "_ablations" if args.ablations else "")
     identity = machine()
-    cache = (Path(args.work_dir) / f"{'quick' if args.quick else 'full'}-v{CACHE_VERSION}{regime.replace('_', '-')}"
-             f"-{machine_tag(identity)}")  # fmt: skip
+    suffix = results_suffix(setting, args.quick, args.ablations)
+    cache = Path(args.work_dir) / cache_folder(setting, args.quick, identity)
     cache.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(seeds, args.ablations, args.variants, setting.teachers)
     if args.ablations:  # the reference MoT and best-STD runs of the same seeds, from the main comparison's cache
@@ -472,6 +473,24 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     return _report(results, summary, out, suffix)
+
+
+def _setting_tag(setting: Setting, base: Setting) -> str:
+    """``_shared``, ``_lr0.001``: what sets this run apart from the formats regime at the default settings."""
+    regime = "" if setting.regime == "formats" else f"_{setting.regime}"
+    return regime + ("" if setting.learning_rate == base.learning_rate else f"_lr{setting.learning_rate:g}")
+
+
+def results_suffix(setting: Setting, quick: bool, ablations: bool) -> str:
+    """The results files' suffix: ``quality{suffix}.json``."""
+    return _setting_tag(setting, QUICK if quick else FULL) + ("_quick" if quick else "_ablations" if ablations else "")
+
+
+def cache_folder(setting: Setting, quick: bool, identity: dict) -> str:
+    """The cache folder of one setting's runs on one machine (runs of the main comparison and of the ablations
+    share it: the ablations read their references from it)."""
+    tag = _setting_tag(setting, QUICK if quick else FULL).replace("_", "-")
+    return f"{'quick' if quick else 'full'}-v{CACHE_VERSION}{tag}-{machine_tag(identity)}"
 
 
 def _report(results: list[dict], summary: dict, out: Path, suffix: str) -> dict:
