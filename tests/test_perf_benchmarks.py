@@ -1,5 +1,7 @@
-"""benchmarks/perf/overhead.py keeps working and measures what perf.md reports (a tiny run of each mode)."""
+"""benchmarks/perf: overhead.py keeps working and measures what perf.md reports (a tiny run of each mode), and
+cpu_bf16.py keeps the figures of every kind of CPU it ran on."""
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -19,3 +21,15 @@ def test_overhead_worker_records_ranks_and_rank_budget_errors(tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("mot-perf-*")) == before  # the run folder was removed
     plain = overhead.worker("plain", "fp32", student, rounds=2, teachers=2, steps=2, batch=2)
     assert plain["steps"] == 8 and plain["peak_rss_mb"] > 0
+
+
+def test_cpu_bf16_keeps_one_record_per_kind_of_cpu(tmp_path):
+    """A run on a CPU with native bf16 must not overwrite the figures of one without: the default rests on both."""
+    cpu_bf16 = load_benchmark("perf/cpu_bf16.py")
+    machine = {"cpu_model": "AMD EPYC", "threads": 2, "avx512_bf16": False, "amx_bf16": False, "onednn_bf16": False}
+    old = {"command": "python benchmarks/perf/cpu_bf16.py", "machine": machine}  # the one-record layout
+    (tmp_path / "cpu_bf16.json").write_text(json.dumps(old))
+    records = cpu_bf16._load_records(tmp_path / "cpu_bf16.json")
+    assert list(records) == ["AMD EPYC (no native bf16)"] and records["AMD EPYC (no native bf16)"] == old
+    native = {**machine, "avx512_bf16": True, "onednn_bf16": True}
+    assert cpu_bf16._cpu_kind(native) == "AMD EPYC (AVX512-BF16)" != cpu_bf16._cpu_kind(machine)

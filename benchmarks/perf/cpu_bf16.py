@@ -7,7 +7,7 @@ What MoTConfig's CPU default for ``bf16`` rests on. Settings: the student in fp3
 when bf16 is on), LoRA r=16 on all linear layers, fp32 LoRA parameters; ``bf16=True`` is TRL's bf16 autocast. Each
 setting trains in its own process, one after another, twice in the order ABCD DCBA (``--passes 1``: once); the
 first step of a process is not timed. Writes benchmarks/results/cpu_bf16.{json,md}, naming the CPU and its bf16
-capabilities.
+capabilities, one record per kind of CPU (a run replaces only its own kind's).
 """
 
 from __future__ import annotations
@@ -78,6 +78,20 @@ def worker(model_dir: str, student: str, bf16: bool, steps: int, batch: int) -> 
     return {"student": student, "bf16": bf16, "step_seconds": times}
 
 
+def _cpu_kind(cpu: dict) -> str:
+    """A CPU's name and the bf16 capabilities that decide the result."""
+    native = [name for name, key in (("AVX512-BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16")) if cpu[key]]
+    return f"{cpu['cpu_model']} ({', '.join(native) or 'no native bf16'})"
+
+
+def _load_records(path: Path) -> dict[str, dict]:
+    """The records of earlier runs by kind of CPU (a file from before this layout held one record)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    return {_cpu_kind(saved["machine"]): saved} if "command" in saved else saved
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="70m", choices=["70m", "tiny"])
@@ -110,20 +124,23 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_bf16.json").write_text(json.dumps(record, indent=2) + "\n")
-    cpu = record["machine"]
+    records = _load_records(out / "cpu_bf16.json")
+    records[_cpu_kind(record["machine"])] = record  # one record per kind of CPU: the default depends on it
+    (out / "cpu_bf16.json").write_text(json.dumps(records, indent=2) + "\n")
     lines = [
         "# bf16 against fp32 on the CPU", "",
-        f"`{record['command'].strip()}` on {cpu['cpu_model']} ({cpu['threads']} threads; AVX512-BF16: "
-        f"{cpu['avx512_bf16']}, AMX-BF16: {cpu['amx_bf16']}, oneDNN bf16: {cpu['onednn_bf16']}). {args.size} Qwen3, "
-        f"batch {args.batch} x 64 tokens, LoRA r=16 all-linear, median of {args.passes * args.steps} steps per "
-        "setting.",
+        f"{args.size} Qwen3, batch {args.batch} x 64 tokens, LoRA r=16 all-linear, fp32 LoRA parameters; median "
+        "s/step per setting, each setting in its own process. One row per kind of CPU measured (cpu_bf16.json keeps "
+        "every record, with its command and machine).",
         "",
-        "| student | fp32 s/step | bf16 s/step | bf16 / fp32 |", "|---|---|---|---|",
+        "| CPU | threads | oneDNN bf16 | student | fp32 s/step | bf16 s/step | bf16 / fp32 | command |",
+        "|---|---:|---|---|---:|---:|---:|---|",
     ]  # fmt: skip
-    for s in ("fp32", "nf4"):
-        lines.append(f"| {s} | {medians[f'{s} fp32']:.2f} | {medians[f'{s} bf16']:.2f} | "
-                     f"{record['bf16_over_fp32'][s]:.2f} |")  # fmt: skip
+    for kind, rec in records.items():
+        medians, cpu = rec["median_step_seconds"], rec["machine"]
+        for s in ("fp32", "nf4"):
+            lines.append(f"| {kind} | {cpu['threads']} | {cpu['onednn_bf16']} | {s} | {medians[f'{s} fp32']:.2f} | "
+                         f"{medians[f'{s} bf16']:.2f} | {rec['bf16_over_fp32'][s]:.2f} | `{rec['command'].strip()}` |")
     (out / "cpu_bf16.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return record
