@@ -53,8 +53,9 @@ class MoTConfig(SFTConfig):
         max_steps (`int`, defaults to `50`): SFT steps per branch per round.
         bf16 (`bool` or `None`): as in TRL, except that on a machine without a GPU it defaults to `False`: bf16
             autocast on CPUs without native bf16 ran TRL's SFT steps 57-70x slower than fp32 (an AMD EPYC without
-            AVX512: 57x for an fp32 and 34x for an nf4 student, benchmarks/results/cpu_bf16.md). On CPUs with native
-            bf16 (AVX512-BF16, AMX) it has not been measured side by side yet; set it yourself there.
+            AVX512: 57x for an fp32 and 34x for an nf4 student, benchmarks/results/cpu_bf16.md). On a CPU with
+            AVX512-BF16 bf16 was faster (0.72x fp32's step time for an fp32 student, 0.80x for nf4), but what it does
+            to a MoT run's accuracy there is not measured yet, so the default stays `False`; set it yourself there.
         dataloader_pin_memory (`bool`): `False` on a machine without a GPU, where pinning does nothing (and torch
             warns about it in every branch).
         gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
