@@ -4,10 +4,12 @@
     python benchmarks/quality/run.py --quick    # 1 seed, 2 rounds x 10 steps (< 5 min)
     python benchmarks/quality/run.py --ablations --seeds 0
     python benchmarks/quality/run.py --regime shared   # teachers sharing one format
+    python benchmarks/quality/run.py --learning-rate 1e-3   # every method at another learning rate
 
 The design (student, task, teachers, hyperparameters, reporting rule) and why: benchmarks/quality/README.md.
 Each run (method x seed) is one job on a worker process with one CPU thread; its result is cached as JSON in
-``--work-dir`` so an interrupted benchmark resumes. Writes benchmarks/results/quality{,_quick,_ablations}.{json,md,png}.
+``--work-dir`` (one folder per setting and machine) so an interrupted benchmark resumes. Writes
+benchmarks/results/quality{_<regime>}{_lr<rate>}{,_quick,_ablations}.{json,md,png}.
 """
 
 from __future__ import annotations
