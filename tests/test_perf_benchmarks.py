@@ -1,5 +1,5 @@
-"""benchmarks/perf: overhead.py keeps working and measures what perf.md reports (a tiny run of each mode), and
-cpu_bf16.py keeps the figures of every kind of CPU it ran on."""
+"""benchmarks/perf: overhead.py keeps working and measures what perf.md reports (a tiny run of each mode),
+rank_cost.py times both passes side by side, and cpu_bf16.py keeps the figures of every kind of CPU it ran on."""
 
 import json
 import tempfile
@@ -32,4 +32,24 @@ def test_cpu_bf16_keeps_one_record_per_kind_of_cpu(tmp_path):
     records = cpu_bf16._load_records(tmp_path / "cpu_bf16.json")
     assert list(records) == ["AMD EPYC (no native bf16)"] and records["AMD EPYC (no native bf16)"] == old
     native = {**machine, "avx512_bf16": True, "onednn_bf16": True}
-    assert cpu_bf16._cpu_kind(native) == "AMD EPYC (AVX512-BF16)" != cpu_bf16._cpu_kind(machine)
+    assert cpu_bf16.cpu_kind(native) == "AMD EPYC (AVX512-BF16)" != cpu_bf16.cpu_kind(machine)
+
+
+def test_rank_cost_alternates_both_passes_where_a_frozen_adapter_holds_the_delta(tmp_path):
+    rank_cost = load_benchmark("perf/rank_cost.py")
+    student = rank_cost.build_student(tmp_path / "student", "tiny")
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from merge_of_thought import adapters
+    from merge_of_thought.frozen import FrozenDelta
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    for precision, passes in (("nf4", {"one-pass", "two-pass"}), ("fp32-weights", {"one-pass"})):
+        loaded_as, home = rank_cost.HOMES[precision]
+        model = rank_cost.load(student, loaded_as)
+        modules = adapters.check_targets(model, lora)
+        shapes = dict(zip(modules, adapters.layer_dims(model, modules)))
+        times, model = rank_cost.step_times(model, shapes, AutoTokenizer.from_pretrained(student), lora, rank=8,
+                                            steps=2, warmup=1, batch=2, home=FrozenDelta(home, None, "CAUSAL_LM"))
+        assert set(times) == passes and all(len(t) == 2 and min(t) > 0 for t in times.values()), precision

@@ -78,7 +78,7 @@ def worker(model_dir: str, student: str, bf16: bool, steps: int, batch: int) -> 
     return {"student": student, "bf16": bf16, "step_seconds": times}
 
 
-def _cpu_kind(cpu: dict) -> str:
+def cpu_kind(cpu: dict) -> str:
     """A CPU's name and the bf16 capabilities that decide the result."""
     native = [name for name, key in (("AVX512-BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16")) if cpu[key]]
     return f"{cpu['cpu_model']} ({', '.join(native) or 'no native bf16'})"
@@ -89,7 +89,7 @@ def _load_records(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    return {_cpu_kind(saved["machine"]): saved} if "command" in saved else saved
+    return {cpu_kind(saved["machine"]): saved} if "command" in saved else saved
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     records = _load_records(out / "cpu_bf16.json")
-    records[_cpu_kind(record["machine"])] = record  # one record per kind of CPU: the default depends on it
+    records[cpu_kind(record["machine"])] = record  # one record per kind of CPU: the default depends on it
     (out / "cpu_bf16.json").write_text(json.dumps(records, indent=2) + "\n")
     lines = [
         "# bf16 against fp32 on the CPU", "",

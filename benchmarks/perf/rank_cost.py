@@ -6,6 +6,9 @@ fp32 factors: the cost does not depend on the values), attaches a fresh rank-r b
 SFTTrainer steps. ``merge_max_rank=K*r`` keeps every later round at the rank-K*r cost. An fp32 student holds the
 delta in its weights instead (``frozen_delta="auto"``): the ``fp32-weights`` rows.
 
+Where the delta is a frozen adapter, the steps alternate between MoT's one low-rank pass for the merged adapter and
+the branch (fused.py, the default) and PEFT's pass per adapter, in the same trainer: a side-by-side ratio.
+
     python benchmarks/perf/rank_cost.py                  # 70M Qwen3, K=4 r=16 (ranks 0..320), fp32 and nf4, ~9 min
     python benchmarks/perf/rank_cost.py --size tiny --steps 3 --precisions fp32   # smoke run
 
@@ -23,10 +26,12 @@ from statistics import median
 
 import torch
 from peft import LoraConfig
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, build_student, machine, teacher_data, update_results  # noqa: E402
+from cpu_bf16 import cpu_capabilities, cpu_kind  # noqa: E402
 from overhead import StepTimer, load  # noqa: E402
 
 from merge_of_thought import adapters  # noqa: E402
@@ -49,21 +54,40 @@ def merged_of_rank(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0)
     return merged
 
 
+class AlternatePasses(TrainerCallback):
+    """Odd steps in PEFT's pass per adapter, even steps in MoT's one pass (fused.py); steps are tagged with it."""
+
+    def __init__(self, timer: StepTimer):
+        self.timer = timer
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        one_pass = state.global_step % 2 == 0
+        adapters.activate(model, "branch", one_pass=one_pass)
+        args.run_name = "one-pass" if one_pass else "two-pass"  # the tag StepTimer records
+
+
 def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int, warmup: int, batch: int,
-               home: FrozenDelta):  # fmt: skip
+               home: FrozenDelta) -> tuple[dict[str, list[float]], object]:  # fmt: skip
     """Step times of a fresh branch trained above a merged delta of ``rank`` (0: none) in ``home`` (a frozen
-    adapter, or the fp32 weights), and the wrapped model."""
+    adapter, or the fp32 weights), by pass ("one-pass", and "two-pass" where a frozen adapter makes them differ),
+    and the wrapped model."""
     if rank:
         model = home.install(model, merged_of_rank(shapes, rank))
     model = adapters.add_branch_adapter(model, "branch", lora, seed=0)
     timer = StepTimer()
+    alternate = bool(rank) and home.home == "adapter"
+    callbacks = [AlternatePasses(timer), timer] if alternate else [timer]
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch,
-                         learning_rate=1e-4, bf16=False, gradient_checkpointing=False, report_to=[],
-                         save_strategy="no", disable_tqdm=True, logging_steps=10**6, dataloader_pin_memory=False)
+        args = SFTConfig(output_dir=out, max_steps=warmup + steps * (2 if alternate else 1),
+                         per_device_train_batch_size=batch, learning_rate=1e-4, bf16=False,
+                         gradient_checkpointing=False, report_to=[], save_strategy="no", disable_tqdm=True,
+                         logging_steps=10**6, dataloader_pin_memory=False, run_name="one-pass")
         SFTTrainer(model, args=args, train_dataset=teacher_data(0), processing_class=tokenizer,
-                   callbacks=[timer]).train()
-    return [seconds for _, seconds in timer.steps[warmup:]], model
+                   callbacks=callbacks).train()
+    by_pass: dict[str, list[float]] = {}
+    for tag, seconds in timer.steps[warmup:]:
+        by_pass.setdefault(tag, []).append(seconds)
+    return by_pass, model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     ranks = [args.teachers * args.lora_r * t for t in range(args.rounds)]  # what round t+1 trains above
-    record = {"machine": machine(), "size": args.size, "teachers": args.teachers, "lora_r": args.lora_r,
-              "batch": args.batch, "timed_steps": args.steps, "results": {}}
+    record = {"machine": machine(), "cpu": cpu_capabilities(), "size": args.size, "teachers": args.teachers,
+              "lora_r": args.lora_r, "batch": args.batch, "timed_steps": args.steps, "results": {}}
     for precision in args.precisions:
         loaded_as, home = HOMES[precision]
         model = load(folder, loaded_as)
@@ -101,11 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
             merged_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                             if adapters.MERGED_ADAPTER in n) / 2**20
             adapters.remove_adapter(model, "branch")
-            rows.append({"merged_rank": rank, "step_seconds": median(times), "merged_adapter_mb": merged_mb})
-            print(f"{precision} merged rank {rank}: {median(times):.3f} s/step, adapter {merged_mb:.1f} MB", flush=True)
+            row = {"merged_rank": rank, "step_seconds": median(times["one-pass"]), "merged_adapter_mb": merged_mb}
+            if "two-pass" in times:
+                row["two_pass_step_seconds"] = median(times["two-pass"])
+            rows.append(row)
+            print(f"{precision} merged rank {rank}: {row['step_seconds']:.3f} s/step (PEFT's two passes: "
+                  f"{row.get('two_pass_step_seconds', row['step_seconds']):.3f}), adapter {merged_mb:.1f} MB",
+                  flush=True)  # fmt: skip
         base = rows[0]["step_seconds"]
         for row in rows:
             row["vs_round1"] = row["step_seconds"] / base
+            row["two_pass_vs_round1"] = row.get("two_pass_step_seconds", row["step_seconds"]) / base
         record["results"][precision] = rows
         del model
     record["command"] = "python benchmarks/perf/rank_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -121,17 +151,25 @@ def write_markdown(record: dict) -> None:
         f"# Step time against the merged adapter's rank ({record['size']} Qwen3, K={k}, r={r}, batch "
         f"{record['batch']})",
         "",
-        f"Command: `{record['command'].strip()}`. Median of {record['timed_steps']} steps per rank, all ranks in one "
-        "process on one loaded model. Round t trains above a merged adapter of rank K*r*(t-1) when the merge is "
-        f"exact (the default); with `merge_max_rank={k * r}` every round after the first stays at rank {k * r}.",
+        f"Command: `{record['command'].strip()}`. Median of {record['timed_steps']} steps per rank and pass, all "
+        "ranks in one process on one loaded model. Round t trains above a merged adapter of rank K*r*(t-1) when the "
+        f"merge is exact (the default); with `merge_max_rank={k * r}` every round after the first stays at rank "
+        f"{k * r}. With a frozen adapter, steps alternate between MoT's one low-rank pass for it and the branch "
+        "(the default) and PEFT's pass per adapter.",
         "",
-        "| precision | round | exact merged rank | s/step | vs round 1 | merged adapter MB (fp32) |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"Machine: {cpu_kind(record['cpu']) if 'cpu' in record else 'not recorded'}.",
+        "",
+        "| precision | round | exact merged rank | s/step | vs round 1 | PEFT's two passes: s/step | vs round 1 | "
+        "one pass / two | merged adapter MB (fp32) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for precision, rows in record["results"].items():
         for t, row in enumerate(rows, 1):
+            two = row.get("two_pass_step_seconds")
+            two_cells = f"{two:.3f} | {row['two_pass_vs_round1']:.3f} | {row['step_seconds'] / two:.3f}" if two else (
+                "- | - | -")
             lines.append(f"| {precision} | {t} | {row['merged_rank']} | {row['step_seconds']:.3f} | "
-                         f"{row['vs_round1']:.3f} | {row['merged_adapter_mb']:.1f} |")
+                         f"{row['vs_round1']:.3f} | {two_cells} | {row['merged_adapter_mb']:.1f} |")
     (RESULTS / "rank_cost.md").write_text("\n".join(lines) + "\n")
 
 

@@ -21,6 +21,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from . import fused
 from .library_noise import peft_checkpointing_alias
 from .merging import LowRankDelta
 from .quantization import keep_4bit_layout
@@ -102,16 +103,20 @@ def layer_dims(model: PreTrainedModel, module_names: list[str]) -> list[tuple[in
 
 
 def add_branch_adapter(
-    model: PreTrainedModel | PeftModel, name: str, peft_config: LoraConfig, seed: int
+    model: PreTrainedModel | PeftModel, name: str, peft_config: LoraConfig, seed: int, one_pass: bool = True
 ) -> PeftModel:
-    """Attach a fresh LoRA adapter (B = 0, A seeded) as the only trainable one, above the frozen merged state."""
+    """Attach a fresh LoRA adapter (B = 0, A seeded) as the only trainable one, above the frozen merged state.
+
+    ``one_pass`` computes the frozen merged adapter and the branch in one low-rank pass (fused.py); False keeps
+    PEFT's pass per adapter (the same arithmetic, slower: for comparisons).
+    """
     torch.manual_seed(seed)
     if isinstance(model, PeftModel):
         model.add_adapter(name, peft_config)
     else:
         with peft_checkpointing_alias():
             model = get_peft_model(model, peft_config, adapter_name=name)
-    _activate(model, trainable=name)
+    activate(model, trainable=name, one_pass=one_pass)
     return model
 
 
@@ -119,12 +124,24 @@ def remove_adapter(model: PeftModel, name: str) -> None:
     model.delete_adapter(name)
 
 
-def _activate(model: PeftModel, trainable: str | None) -> None:
-    """Make the merged state (if any) and ``trainable`` active; only ``trainable`` gets gradients."""
+def activate(model: PeftModel, trainable: str | None, one_pass: bool = False) -> None:
+    """Make the merged state (if any) and ``trainable`` apply; only ``trainable`` gets gradients.
+
+    With ``one_pass``, wherever a layer holds both, ``trainable``'s forward includes the merged adapter (fused.py)
+    and only ``trainable`` is active; where the merged adapter covers a layer the branch does not, both stay
+    active in PEFT's own passes. Without it, both are active and each runs its own pass.
+    """
     names = [n for n in (MERGED_ADAPTER, trainable) if n is not None and n in model.peft_config]
-    model.base_model.set_adapter(names)
+    layers = lora_layers(model).values()
+    merged_layers = [layer for layer in layers if MERGED_ADAPTER in layer.lora_A]
+    one_pass = one_pass and len(names) == 2 and all(trainable in layer.lora_A for layer in merged_layers)
+    for layer in layers:
+        if trainable in layer.lora_A:
+            frozen = MERGED_ADAPTER if one_pass and MERGED_ADAPTER in layer.lora_A else None
+            fused.set_frozen(layer, trainable, frozen)
+    model.base_model.set_adapter([trainable] if one_pass else names)
     model.active_adapter = names[-1]  # PeftModel's own record; the trainer reads the trainable one's config
-    if MERGED_ADAPTER in names:
+    if MERGED_ADAPTER in model.peft_config:
         model.set_requires_grad(MERGED_ADAPTER, requires_grad=False)
 
 
@@ -257,7 +274,7 @@ def install_merged(
             A, B = layer.lora_A[MERGED_ADAPTER].weight, layer.lora_B[MERGED_ADAPTER].weight
             layer.lora_A[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.A.to(A.device), requires_grad=False)
             layer.lora_B[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.B.to(B.device), requires_grad=False)
-    _activate(model, trainable=None)
+    activate(model, trainable=None)
     return model
 
 

@@ -1,0 +1,100 @@
+"""fused.py: the frozen merged adapter and the branch in one low-rank pass compute what PEFT's two passes compute,
+outputs and gradients, on fp32, bf16 and 4-bit students, with LoRA dropout and under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from merge_of_thought import adapters
+from merge_of_thought.merging import LowRankDelta
+
+from helpers import quick_lora
+
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+STUDENTS = {"fp32": dict(dtype=torch.float32), "bf16": dict(dtype=torch.bfloat16), "nf4": dict(quantization_config=NF4)}
+
+
+def student_with_merged(qwen3_dir, load: dict, rank: int = 6):
+    """The student as MoT holds it between rounds: the base plus a frozen merged adapter of random factors."""
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir, **load)
+    targets = adapters.check_targets(model, quick_lora())
+    generator = torch.Generator().manual_seed(0)
+    merged = {}
+    for name, (fan_in, fan_out) in zip(targets, adapters.layer_dims(model, targets)):
+        merged[name] = LowRankDelta(torch.randn(fan_out, rank, generator=generator) * 0.05,
+                                    torch.randn(rank, fan_in, generator=generator) * 0.05)  # fmt: skip
+    return adapters.install_merged(model, merged, None, "CAUSAL_LM")
+
+
+def branch_step(model, one_pass: bool, dropout: float, autocast: bool = False):
+    """Attach a branch (B nonzero, so it matters), run one forward and backward; return the logits, the branch's
+    gradients and the adapters each layer had active."""
+    model = adapters.add_branch_adapter(model, "branch", quick_lora(lora_dropout=dropout, task_type="CAUSAL_LM"),
+                                        seed=0, one_pass=one_pass)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B.branch" in name:
+            param.data = torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
+    torch.manual_seed(2)  # the same dropout masks in both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    active = {tuple(layer.active_adapters) for layer in adapters.lora_layers(model).values()}
+    logits = out.logits.detach().float()
+    adapters.remove_adapter(model, "branch")
+    return logits, grads, active
+
+
+@pytest.mark.parametrize("precision", list(STUDENTS))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_one_pass_computes_what_two_passes_compute(qwen3_dir, precision, dropout):
+    model = student_with_merged(qwen3_dir, STUDENTS[precision])
+    two_logits, two_grads, two_active = branch_step(model, one_pass=False, dropout=dropout)
+    one_logits, one_grads, one_active = branch_step(model, one_pass=True, dropout=dropout)
+
+    assert two_active == {(adapters.MERGED_ADAPTER, "branch")} and one_active == {("branch",)}
+    assert sorted(one_grads) == sorted(two_grads)  # gradients reach the branch's factors only
+    assert one_grads and all("branch" in name for name in one_grads)
+    tolerance = 1e-2 if precision == "bf16" else 1e-5  # float summation order; bf16 outputs round to 3 digits
+    error = (one_logits - two_logits).norm() / two_logits.norm()
+    assert error < tolerance, f"logits: {error:.2e}"
+    for name, grad in two_grads.items():
+        error = (one_grads[name] - grad).norm() / grad.norm()
+        assert error < tolerance, f"{name}: {error:.2e}"
+    # And the merged adapter counts: without it the logits are another model's.
+    merged_off = student_with_merged(qwen3_dir, STUDENTS[precision], rank=6)
+    for layer in adapters.lora_layers(merged_off).values():
+        layer.lora_B[adapters.MERGED_ADAPTER].weight.data.zero_()
+    off_logits, _, _ = branch_step(merged_off, one_pass=True, dropout=dropout)
+    assert (off_logits - one_logits).norm() / one_logits.norm() > 10 * tolerance
+
+
+def test_one_pass_under_bf16_autocast_is_as_close_to_fp32_as_two_passes(qwen3_dir):
+    model = student_with_merged(qwen3_dir, STUDENTS["fp32"])
+    exact_logits, exact_grads, _ = branch_step(model, one_pass=False, dropout=0.0)
+    results = {one_pass: branch_step(model, one_pass=one_pass, dropout=0.0, autocast=True) for one_pass in (0, 1)}
+
+    def error(one_pass: bool) -> float:
+        logits, grads, _ = results[one_pass]
+        worst = max((grads[n] - g).norm() / g.norm() for n, g in exact_grads.items())
+        return max(((logits - exact_logits).norm() / exact_logits.norm()).item(), worst.item())
+
+    assert 0 < error(True) <= 2 * error(False), (error(True), error(False))
+
+
+def test_switching_back_to_two_passes_does_not_count_the_merged_delta_twice(qwen3_dir):
+    model = student_with_merged(qwen3_dir, STUDENTS["fp32"])
+    two_logits, _, _ = branch_step(model, one_pass=False, dropout=0.0)
+    model = adapters.add_branch_adapter(model, "branch", quick_lora(task_type="CAUSAL_LM"), seed=0, one_pass=True)
+    adapters.activate(model, "branch", one_pass=False)
+    layers = adapters.lora_layers(model).values()
+    assert all("branch" not in layer.lora_variant for layer in layers)
+    assert {tuple(layer.active_adapters) for layer in layers} == {(adapters.MERGED_ADAPTER, "branch")}
+    adapters.remove_adapter(model, "branch")
+    again, _, _ = branch_step(model, one_pass=False, dropout=0.0)
+    torch.testing.assert_close(again, two_logits)
