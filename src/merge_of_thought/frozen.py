@@ -4,8 +4,8 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
 ``MoTConfig.frozen_delta`` chooses its home:
 
 - ``"adapter"``: a frozen fp32 LoRA adapter beside the branch (:func:`adapters.install_merged`). Exact on any base
-  (4-bit, 8-bit, bf16: never re-quantized), but every step pays a second adapter pass, whose rank grows by K*r a
-  round with fresh branches.
+  (4-bit, 8-bit, bf16: never re-quantized). The branch's forward computes it in the same low-rank pass as the
+  branch (fused.py), so a step pays for its rank, which grows by K*r a round with fresh branches, and little else.
 - ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
   cost at all. Each install adds the change since the last one (in float64, rounded once to fp32), so each round
   adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a delta of 1e-3 ``|W|``), far inside the merge's 1e-3

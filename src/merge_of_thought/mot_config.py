@@ -77,8 +77,8 @@ class MoTConfig(SFTConfig):
         frozen_delta (`str`, defaults to `"auto"`): where the merged delta lives while branches train (frozen.py).
             `"weights"` adds it into the base weights, which must be fp32 `nn.Linear` weights: no cost per step
             (fp32 rounding adds ~6e-8 of |W| a round). `"adapter"` keeps it in a frozen fp32 LoRA adapter beside
-            the branch: exact on 4-bit, 8-bit and bf16 bases too, but each step pays an extra adapter pass whose
-            rank grows with the rounds. `"auto"`: `"weights"` for an fp32 student, else `"adapter"`. Either way
+            the branch: exact on 4-bit, 8-bit and bf16 bases too; the branch computes it in its own low-rank pass
+            (fused.py), so each step pays for its rank, which grows with the rounds. `"auto"`: `"weights"` for an fp32 student, else `"adapter"`. Either way
             the merged delta is kept as exact low-rank factors for checkpoints and exports.
         shared_branch_init (`bool`, defaults to `False`): start every branch of a round from the same random LoRA
             ``A`` (the data order still differs per branch). Branches with independent inits learn in different
