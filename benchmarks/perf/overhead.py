@@ -7,6 +7,7 @@ the same so the step cost is like for like).
 
     python benchmarks/perf/overhead.py                 # 70M Qwen3, batch 8, S=50, fp32 and nf4 (~60 min on 2 cores)
     python benchmarks/perf/overhead.py --quick         # tiny model, for a smoke run
+    python benchmarks/perf/overhead.py --precisions nf4 --rounds 5 --teachers 4 --steps 10   # the paper's T and K
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main() -> None:
             "plain_overhead_share": mean(1 - r["step_seconds_total"] / r["wall_seconds"] for r in runs["plain"]),
             "last_round_step_ratio": mean(b[f"round{args.rounds}"] / b["round1"] for b in by_round),
         }
-        update_results(f"overhead_{precision}" + ("_quick" if args.quick else ""), record)
+        paper_shape = "_paper" if (args.rounds, args.teachers) == (5, 4) else ""  # beside the T=2 K=2 record
+        update_results(f"overhead_{precision}{paper_shape}" + ("_quick" if args.quick else ""), record)
     write_markdown()
 
 

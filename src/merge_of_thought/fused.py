@@ -39,11 +39,12 @@ class FrozenDeltaPass(LoraVariant):
         if module.scaling[self.frozen] != 1:
             frozen_B = frozen_B * module.scaling[self.frozen]
         dropout = module.lora_dropout[active_adapter]
-        x_branch = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
+        x_2d = x.reshape(-1, x.shape[-1])
+        x_branch = x_2d if isinstance(dropout, torch.nn.Identity) else dropout(x_2d)  # the same tensor: one gradient
         out = _FrozenPlusBranch.apply(
             result.reshape(-1, result.shape[-1]),
-            x.reshape(-1, x.shape[-1]),
-            x_branch.reshape(-1, x.shape[-1]),
+            x_2d,
+            x_branch,
             frozen_A,
             frozen_B,
             module.lora_A[active_adapter].weight,
