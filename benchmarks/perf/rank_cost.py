@@ -55,10 +55,8 @@ def merged_of_rank(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0)
 
 
 class AlternatePasses(TrainerCallback):
-    """Odd steps in PEFT's pass per adapter, even steps in MoT's one pass (fused.py); steps are tagged with it."""
-
-    def __init__(self, timer: StepTimer):
-        self.timer = timer
+    """Odd steps in PEFT's pass per adapter, even steps in MoT's one pass (fused.py); steps are tagged with it.
+    Listed before the StepTimer, so the switch is not timed."""
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         one_pass = state.global_step % 2 == 0
@@ -76,7 +74,7 @@ def step_times(model, shapes, tokenizer, lora: LoraConfig, rank: int, steps: int
     model = adapters.add_branch_adapter(model, "branch", lora, seed=0)
     timer = StepTimer()
     alternate = bool(rank) and home.home == "adapter"
-    callbacks = [AlternatePasses(timer), timer] if alternate else [timer]
+    callbacks = [AlternatePasses(), timer] if alternate else [timer]
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, max_steps=warmup + steps * (2 if alternate else 1),
                          per_device_train_batch_size=batch, learning_rate=1e-4, bf16=False,
