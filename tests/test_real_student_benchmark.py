@@ -23,12 +23,14 @@ def final(text: str) -> int:
 
 
 def test_teachers_share_the_answer_line_and_only_the_noisy_one_is_wrong(bench):
+    """Both regimes: every teacher ends with ``#### <n>``, only the noisy one is ever wrong, and the formats
+    regime's traces differ from their first word."""
     import task  # benchmarks/real_student/task.py, on the path once the benchmark is loaded
 
     pool, held = task.split()
     assert len(held) == 300 and not {(p.a, p.b, p.c) for p in held} & {(p.a, p.b, p.c) for p in pool}
     problems = random.Random(0).sample(pool, 200)
-    for teacher in task.TEACHERS:
+    for teacher in {t for teachers in task.REGIMES.values() for t in teachers}:
         rows = task.teacher_dataset(teacher, problems, seed=0)
         answers = [final(row["completion"][0]["content"]) for row in rows]
         wrong = sum(a != p.answer for a, p in zip(answers, problems)) / len(problems)
@@ -39,6 +41,10 @@ def test_teachers_share_the_answer_line_and_only_the_noisy_one_is_wrong(bench):
         assert all(row["prompt"][0]["role"] == "user" for row in rows)
     right = task.trace("right", task.Problem(47, 25, 38), random.Random(0))
     assert right.splitlines()[0] == "25 + 38 = 63"  # another path than the left-to-right teachers
+    firsts = [task.trace(t, task.Problem(47, 25, 38), random.Random(0)).split()[0] for t in task.REGIMES["formats"]]
+    assert firsts == ["47", "First", "Ones:", "(40"]
+    column = task.trace("column", task.Problem(47, 25, 38), random.Random(0)).splitlines()
+    assert column[:2] == ["Ones: 7 + 5 + 8 = 20, write 0, carry 2.", "Tens: 4 + 2 + 3 + 2 = 11, write 11."]
 
 
 def test_quick_smoke_run_on_smollm2(bench, tmp_path):

@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), help="with --ablations: only these")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-7, the design's 8 (--quick: 0)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, 1 thread each")
-    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "quality"))
+    parser.add_argument("--work-dir", default=str(RESULTS / "runs" / "quality"),
+                        help="the run cache (default: in the repository, so a later session resumes; commit it)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--regime", choices=sorted(REGIMES), default="formats",
                         help="teachers: 'formats' (the original four) or 'shared' (one surface format; README.md)")

@@ -8,7 +8,7 @@
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
 merge_of_thought.baselines, the code path of ``mot train --baseline``), one job per process, cached as JSON in
-``--work-dir`` so an interrupted benchmark resumes. Writes benchmarks/results/real_student{,_quick}.{json,md,png}.
+``--work-dir`` (by default benchmarks/results/runs/, committed) so an interrupted benchmark resumes, in a later session too. Writes benchmarks/results/real_student{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import platform
 import random
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from task import GENERAL_PROMPTS, TEACHERS, held_out_dataset, split, teacher_dataset  # noqa: E402
+from task import GENERAL_PROMPTS, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("quality_run", HERE.parent / "quality" / "run.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -33,6 +34,7 @@ sys.modules["quality_run"] = quality
 _spec.loader.exec_module(quality)
 
 RESULTS = HERE.parent / "results"
+RUNS = RESULTS / "runs" / "real_student"  # committed: the machines' home folders do not outlive a session
 PROBE = ("Probe score: minus the mean token NLL of the untrained student's own answers to 20 general questions; "
          "forgetting: its rise, end minus start (0 = nothing forgotten).")
 
@@ -49,18 +51,32 @@ class Setting(quality.Setting):
     max_new_tokens: int = 64
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
+    regime: str = "shared"  # task.REGIMES: "shared" (the first design) or "formats"
 
     @property
     def teachers(self) -> tuple[str, ...]:
-        return TEACHERS
+        return REGIMES[self.regime]
 
 
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
                 general_prompts=4, general_tokens=12)
 
-# (method, variant): MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher,
-# T x S with a fresh branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher.
-METHODS = ("mot", "mot-persistent", "restart-only", "mtd", *(f"std-{t}" for t in TEACHERS))
+# MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher, T x S with a fresh
+# branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher of the regime.
+# same-left (four branches of the left teacher) came with the formats regime's design; it is a control of both.
+CONTROLS = ("restart-only", "same-left")
+
+
+def default_methods(regime: str) -> list[str]:
+    """Each regime's pre-registered methods, in the order a seed runs them (README.md)."""
+    stds = [f"std-{t}" for t in REGIMES[regime]]
+    if regime == "shared":
+        return ["mot", "mot-persistent", "restart-only", "mtd", *stds]
+    return ["mot", "mtd", *stds, "mot-persistent", "same-left"]
+
+
+METHODS = tuple(dict.fromkeys(["mot", "mot-persistent", *CONTROLS, "mtd",
+                               *(f"std-{t}" for teachers in REGIMES.values() for t in teachers)]))  # fmt: skip
 # Not in the pre-registered design, added after it (the MoT-wins issue); run only when named with --methods:
 # DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here).
 EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"]}
@@ -76,7 +92,25 @@ class Job:
         if self.method.startswith("std-"):
             return f"STD-{self.method[4:]}"
         return {"mot": "MoT", "mot-persistent": "MoT-persistent", "restart-only": "restart-only", "mtd": "MTD",
+                "same-left": "same-left",
                 "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov"}[self.method]
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse. By default it hands every large block (the logits, each layer's
+    dequantized weight) back to the kernel and faults it in again at the next step: on a 2-core AMD EPYC with
+    AVX512-BF16 a SmolLM2 nf4 step (batch 8 x 128 tokens) took 6.5 s that way and 5.3 s with this. Timing only:
+    the arithmetic, and so every result, is unchanged."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mmap_max, trim_threshold, top_pad = -4, -1, -2  # glibc's mallopt parameters (malloc.h)
+    libc.mallopt(mmap_max, 0)
+    libc.mallopt(trim_threshold, 2**31 - 1)
+    libc.mallopt(top_pad, 2**28)
 
 
 def load_student(folder: str):
@@ -161,7 +195,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     pool, held_problems = split()
     prompts = random.Random(job.seed).sample(pool, setting.train_prompts)
     held = held_out_dataset(held_problems[: setting.held_out])
-    data = {t: teacher_dataset(t, prompts, job.seed) for t in TEACHERS}
+    data = {t: teacher_dataset(t, prompts, job.seed) for t in setting.teachers}
     curve = [{"steps": 0, **start_point}]
     run_dir = tempfile.TemporaryDirectory(prefix="mot-real-")
     args = MoTConfig(
@@ -175,8 +209,9 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     )  # fmt: skip
     lora = LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")  # fmt: skip
-    if job.method == "restart-only" or job.method.startswith("mot"):
-        teachers = {"left": data["left"]} if job.method == "restart-only" else data
+    if job.method in CONTROLS or job.method.startswith("mot"):
+        teachers = {"restart-only": {"left": data["left"]}, "same-left": {f"left-{k}": data["left"] for k in range(4)}
+                    }.get(job.method, data)  # fmt: skip
         per_round = setting.steps_per_round * len(teachers)
 
         class ScoreRound(MoTCallback):
@@ -217,25 +252,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 rounds x 1 step (batch 2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
-    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=list(METHODS),
-                        help="default: the pre-registered ones; the exploratory ones run only when named")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="shared",
+                        help="teachers: 'shared' (the first design) or 'formats' (traces differ from the first token)")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=None,
+                        help="default: the regime's pre-registered ones; the exploratory ones run only when named")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
-    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "merge_of_thought" / "real_student"))
+    parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
+                        "later session on the same kind of machine resumes; commit it)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     from merge_of_thought.students import smollm2_135m
 
-    setting = QUICK if args.quick else Setting()
+    keep_freed_memory()
+    setting = dataclasses.replace(QUICK if args.quick else Setting(), regime=args.regime)
+    methods = args.methods or default_methods(args.regime)
+    unknown = [m for m in methods if m.startswith("std-") and m[4:] not in setting.teachers]
+    if unknown:
+        parser.error(f"{', '.join(unknown)}: not a teacher of the {args.regime} regime {setting.teachers}")
     if args.steps:
         setting = dataclasses.replace(setting, steps_per_round=args.steps)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    tag = "quick" if args.quick else f"s{setting.steps_per_round}"
+    regime = "" if args.regime == "shared" else f"-{args.regime}"
+    tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    jobs = [Job(method, seed) for seed in seeds for method in args.methods]
+    jobs = [Job(method, seed) for seed in seeds for method in methods]
     cached = {job: work / f"{job.name}-seed{job.seed}.json" for job in jobs}
     not_run: list[str] = []
     if args.cached_only:  # report only: neither the student nor its untrained scores are computed
@@ -268,8 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ("" if setting.steps_per_round == 10 else f"_s{setting.steps_per_round}")
+    suffix += regime.replace("-", "_")
     (out / f"real_student{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
-    title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}"
+    title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}, {args.regime} regime"
     quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
                            title=title, design="benchmarks/real_student/README.md", probe=PROBE)  # fmt: skip
     quality.plot(results, summary, out / f"real_student{suffix}.png", probe_is_accuracy=False)

@@ -1,6 +1,6 @@
-"""The real-student miniature's task: sums of three two-digit numbers, four teachers, a forgetting probe.
+"""The real-student miniature's task: sums of three two-digit numbers, two regimes of four teachers, a forgetting probe.
 
-Fixed before any training run (README.md beside this file says why). Everything is chat-formatted for the
+Fixed before any training run of each regime (README.md beside this file says why). Everything is chat-formatted for the
 instruct student: the user asks, the assistant reasons and ends with ``#### <n>``.
 """
 
@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-TEACHERS = ("left", "verbose", "right", "noisy")
+# "shared": the first design (one final-answer line, paths and lengths differ, one teacher writes sentences).
+# "formats": four correct teachers whose traces differ from the first token (the toy's formats regime).
+REGIMES = {"shared": ("left", "verbose", "right", "noisy"), "formats": ("left", "verbose", "column", "grouped")}
+TEACHERS = REGIMES["shared"]
 NOISE = 0.35  # share of the noisy teacher's traces with one wrong step (propagated to a wrong answer)
 SPLIT_SEED = 1234  # the train/held-out split of all problems, fixed for every seed
 
@@ -60,6 +63,16 @@ def trace(teacher: str, p: Problem, rng: random.Random) -> str:
         if rng.random() < NOISE:
             ab += rng.choice([-10, -1, 1, 10])
         return f"{p.a} + {p.b} = {ab}\n{ab} + {p.c} = {ab + p.c}\n#### {ab + p.c}"
+    if teacher == "column":  # column addition, ones first, with the carry written out
+        ones = p.a % 10 + p.b % 10 + p.c % 10
+        tens = p.a // 10 + p.b // 10 + p.c // 10 + ones // 10
+        return (f"Ones: {p.a % 10} + {p.b % 10} + {p.c % 10} = {ones}, write {ones % 10}, carry {ones // 10}.\n"
+                f"Tens: {p.a // 10} + {p.b // 10} + {p.c // 10} + {ones // 10} = {tens}, write {tens}.\n"
+                f"#### {p.answer}")
+    if teacher == "grouped":  # place value in one line: the tens, then the ones, then both
+        tens, ones = p.a // 10 * 10 + p.b // 10 * 10 + p.c // 10 * 10, p.a % 10 + p.b % 10 + p.c % 10
+        return (f"({p.a // 10 * 10} + {p.b // 10 * 10} + {p.c // 10 * 10}) + ({p.a % 10} + {p.b % 10} + {p.c % 10})"
+                f" = {tens} + {ones} = {p.answer}\n#### {p.answer}")
     raise ValueError(f"unknown teacher {teacher!r}")
 
 
