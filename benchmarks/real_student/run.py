@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path.exists():
             result = {**json.loads(path.read_text()), "cached": True}
         else:
-            result = run_job(job, setting, folder, references, start_point)
+            result = {**run_job(job, setting, folder, references, start_point), "machine": identity}
             quality.write_json_atomic(path, result)
         results.append(result)
         final = result["curve"][-1]
