@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -95,21 +96,29 @@ def test_summary_reports_the_last_round_and_paired_differences(quality, tmp_path
 
 def test_runs_are_cached_per_machine_and_the_report_names_it(quality, tmp_path):
     """One seed's run differs between CPUs (README.md), so the cache is per machine and a report says which."""
+    import hardware  # benchmarks/hardware.py, on the path once the benchmark is loaded
+
     identity = quality.machine()
-    flags = set(open("/proc/cpuinfo").read().split())
-    assert identity["cpu_flags"] == [flag for flag in quality.KERNEL_FLAGS if flag in flags]
+    cpuinfo = open("/proc/cpuinfo").read()
+    flags = set(cpuinfo.split())
+    assert identity["cpu_flags"] == [flag for flag in hardware.KERNEL_FLAGS if flag in flags]
     assert identity["torch"] == torch.__version__ and identity["cpu"]
+    family = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.M).group(1)
+    assert identity["cpu_generation"].startswith(f"family {family} model ")
     assert quality.machine_tag(identity) == quality.machine_tag(dict(identity))  # stable within a machine
     toggled = {**identity, "cpu_flags": sorted(set(identity["cpu_flags"]) ^ {"avx512_bf16"})}
     assert quality.machine_tag(toggled) != quality.machine_tag(identity)  # another CPU: another cache folder
+    newer = {**identity, "cpu_generation": "family 99 model 1"}  # the same name and flags, another generation
+    assert quality.machine_tag(newer) != quality.machine_tag(identity)
     curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": 250, "accuracy": 0.5,
              "pretrain_accuracy": 0.9}]  # fmt: skip
     summary = quality.summarize([{"name": "STD-column", "job": {"seed": 0}, "curve": curve, "seconds": 1.0}],
                                 quality.FULL)  # fmt: skip
-    summary["machine"] = {**identity, "cpu": "Test CPU", "cpu_flags": ["avx2", "avx512_bf16"], "torch": "9.9"}
+    summary["machine"] = {**identity, "cpu": "Test CPU", "cpu_generation": "family 1 model 2",
+                          "cpu_flags": ["avx2", "avx512_bf16"], "torch": "9.9"}  # fmt: skip
     quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
     report = (tmp_path / "q.md").read_text()
-    assert "Machine (every run): Test CPU (avx2, avx512_bf16); torch 9.9, bitsandbytes" in report
+    assert "Machine (every run): Test CPU, family 1 model 2 (avx2, avx512_bf16); torch 9.9, bitsandbytes" in report
 
 
 def test_a_learning_rate_arm_has_its_own_cache_and_results(quality, tmp_path):

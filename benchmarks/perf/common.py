@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import random
 import resource
 import sys
@@ -15,6 +14,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from merge_of_thought.demo.tokenizer import build_char_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hardware import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -72,7 +74,7 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, build_student, machine, teacher_data  # noqa: E402
+from hardware import cpu_flags, cpu_name  # noqa: E402
 
 SETTINGS = [("fp32", False), ("fp32", True), ("nf4", False), ("nf4", True)]  # (student, bf16)
 
 
 def cpu_capabilities() -> dict:
     """The CPU's name and the flags that decide bf16 speed (native AVX512-BF16 or AMX; oneDNN's own check)."""
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown") if flags else "unknown"  # fmt: skip
+    flags, name = cpu_flags(), cpu_name()
     from merge_of_thought.mot_config import _cpu_has_native_bf16
     from merge_of_thought.quantization import cpu_repacks_4bit
 

@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import importlib.metadata
 import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +31,11 @@ from pathlib import Path
 
 from merge_of_thought.checkpointing import write_json_atomic
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hardware import identity as machine  # noqa: E402  (runs are cached per machine: hardware.py says why)
+from hardware import describe as describe_machine  # noqa: E402
+from hardware import identity_tag as machine_tag  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TEACHERS = ("column", "verbose", "split", "noisy")
 # Two regimes of teachers (README.md): "formats", the original, whose teachers write different formats from the
@@ -43,25 +45,6 @@ REGIMES = {"formats": TEACHERS, "shared": ("column", "commuted", "split", "noisy
 # (merge_of_thought.baselines) with fp32 adapters like MoT's; version 1 trained them with TRL's SFTTrainer, which
 # keeps QLoRA adapters in bf16 (an unequal comparison; benchmarks/results/quality*.md were measured with it).
 CACHE_VERSION = 2
-# The CPU flags that pick torch's and bitsandbytes' kernels. One seed's run gives different results on two CPUs
-# (README.md: MoT seed 0 scored 0.43 on an AMD EPYC without AVX512 and 0.84 on one with AVX512-BF16), so runs are
-# cached per machine and a results file names the machine its runs came from.
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-
-
-def machine() -> dict:
-    """The CPU and the numeric libraries that, besides the seed, decide a run's floating-point results."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    flags = set(cpuinfo.split())
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
-            "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
-            **{lib: importlib.metadata.version(lib) for lib in ("torch", "bitsandbytes", "transformers", "peft")}}
-
-
-def machine_tag(identity: dict) -> str:
-    """A short name for a machine identity: the cache folder of its runs."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,12 +312,6 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
-def _describe(identity: dict) -> str:
-    flags = ", ".join(identity["cpu_flags"]) or "none of " + ", ".join(KERNEL_FLAGS)
-    libraries = ", ".join(f"{lib} {identity[lib]}" for lib in ("torch", "bitsandbytes", "transformers", "peft"))
-    return f"{identity['cpu']} ({flags}); {libraries}"
-
-
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
                    design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
     seeds = sorted({s for row in summary["methods"].values() for s in row["seeds"]})
@@ -349,7 +326,7 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         f"{design}. Accuracy: held-out final answers, at the END of each run (MoT: its last round).",
         probe or "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
-        *([f"Machine (every run): {_describe(summary['machine'])}."] if summary.get("machine") else []),
+        *([f"Machine (every run): {describe_machine(summary['machine'])}."] if summary.get("machine") else []),
         "",
         f"| method | SFT steps | held-out accuracy | {'probe score' if probe else 'pre-training accuracy'} "
         "| forgetting |",

@@ -1,0 +1,62 @@
+"""The machine a benchmark ran on, described the same way by every benchmark.
+
+A run is a function of its seed *and* its machine: the kernels a CPU's vector extensions select round differently,
+and hundreds of SFT steps turn that into another run (benchmarks/quality/README.md: MoT seed 0 scored 0.43 on an AMD
+EPYC without AVX512 and 0.84 on one with AVX512-BF16). So benchmarks cache runs per ``identity()`` and every
+results file names the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+# The CPU flags that pick torch's and bitsandbytes' kernels.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.exists() else ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty or just "x86_64" on Linux)."""
+    names = [line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def cpu_generation() -> str:
+    """The CPU's family and model numbers: one model name ("AMD EPYC") covers generations whose kernels differ."""
+    fields = dict(line.split(":", 1) for line in _cpuinfo().splitlines()[:12] if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists (empty where there is none)."""
+    return set(_cpuinfo().split())
+
+
+def identity() -> dict:
+    """The CPU and the numeric libraries that, besides the seed, decide a run's floating-point results."""
+    flags = cpu_flags()
+    return {"cpu": cpu_name(), "cpu_generation": cpu_generation(),
+            "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+            **{lib: importlib.metadata.version(lib) for lib in ("torch", "bitsandbytes", "transformers", "peft")}}
+
+
+def identity_tag(machine: dict) -> str:
+    """A short name for a machine identity: the cache folder of its runs."""
+    return hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def describe(machine: dict) -> str:
+    """One line for a results file: the CPU, its kernel flags, the libraries."""
+    flags = ", ".join(machine["cpu_flags"]) or "none of " + ", ".join(KERNEL_FLAGS)
+    libraries = ", ".join(f"{lib} {machine[lib]}" for lib in ("torch", "bitsandbytes", "transformers", "peft"))
+    generation = f", {machine['cpu_generation']}" if "cpu_generation" in machine else ""  # absent before 2026-12-02
+    return f"{machine['cpu']}{generation} ({flags}); {libraries}"
