@@ -70,3 +70,34 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
                          "--results-dir", str(tmp_path / "results")])  # fmt: skip
     assert set(report["methods"]) == {"MoT"} and report["not_run"] == ["MTD seed 0"]  # reported, nothing trained
     assert "Not run yet (cached runs only): MTD seed 0." in (tmp_path / "results" / "real_student_quick.md").read_text()
+
+
+def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
+    """Runs pair only on one machine, so each seed's runs all come from one cache folder: this machine's, or another
+    machine's that holds all of them (later sessions on other CPUs add seeds, never mix one)."""
+    here, other, unrelated = tmp_path / "s10-aaaaaaaa", tmp_path / "s10-bbbbbbbb", tmp_path / "s10-formats-cccccccc"
+    for folder in (here, other, unrelated):
+        folder.mkdir()
+    methods = ["mot", "mtd"]
+
+    def put(folder, method, seed):
+        (folder / f"{bench.Job(method, seed).name}-seed{seed}.json").write_text("{}")
+
+    put(here, "mot", 0)
+    put(other, "mot", 0), put(other, "mtd", 0)  # seed 0 complete on the other machine
+    put(other, "mot", 1)  # seed 1 partial there, absent here
+    for method in methods:
+        put(unrelated, method, 1)  # another setting's folder is never read
+    assert bench.seed_folder(0, methods, here, training=True) == other
+    assert bench.seed_folder(1, methods, here, training=True) == here  # trained here, whole
+    assert bench.seed_folder(1, methods, here, training=False) == other  # only reporting: the fullest
+    assert bench.seed_folder(2, methods, here, training=False) == here
+
+    summary = {"methods": {}, "machine": None,
+               "machines_per_seed": {0: {"cpu": "CPU A", "cpu_generation": "family 1 model 1", "cpu_flags": [],
+                                         "torch": "1", "bitsandbytes": "2", "transformers": "3", "peft": "4"},
+                                     1: None}}  # fmt: skip
+    bench.quality.write_markdown(summary, tmp_path / "r.md", "cmd", 1.0)
+    text = (tmp_path / "r.md").read_text()
+    assert "Machines, per seed (each seed's runs on one): seed 0: CPU A, family 1 model 1 (none of" in text
+    assert "seed 1: not recorded." in text

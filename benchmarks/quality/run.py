@@ -312,6 +312,10 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
+def _per_seed_machines(machines: dict) -> str:
+    return "; ".join(f"seed {seed}: {describe_machine(m) if m else 'not recorded'}" for seed, m in machines.items())
+
+
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
                    design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
     seeds = sorted({s for row in summary["methods"].values() for s in row["seeds"]})
@@ -327,6 +331,8 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         probe or "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
         *([f"Machine (every run): {describe_machine(summary['machine'])}."] if summary.get("machine") else []),
+        *([f"Machines, per seed (each seed's runs on one): {_per_seed_machines(summary['machines_per_seed'])}."]
+          if summary.get("machines_per_seed") else []),
         "",
         f"| method | SFT steps | held-out accuracy | {'probe score' if probe else 'pre-training accuracy'} "
         "| forgetting |",

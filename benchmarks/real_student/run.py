@@ -20,6 +20,7 @@ import importlib.util
 import json
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ _spec.loader.exec_module(quality)
 
 RESULTS = HERE.parent / "results"
 RUNS = RESULTS / "runs" / "real_student"  # committed: the machines' home folders do not outlive a session
+_TAG_EXAMPLE = "0123abcd"  # the length of quality.machine_tag's names, the end of each cache folder's name
 PROBE = ("Probe score: minus the mean token NLL of the untrained student's own answers to 20 general questions; "
          "forgetting: its rise, end minus start (0 = nothing forgotten).")
 
@@ -167,6 +169,29 @@ def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[list[s
     return json.loads(answers_path.read_text()), json.loads(start_path.read_text())
 
 
+def seed_folder(seed: int, methods: list[str], here: Path, training: bool) -> Path:
+    """The cache folder all of a seed's runs come from. A seed's methods pair only when they ran on one machine, so
+    the seed is the unit: this machine's folder (``here``), unless another machine's folder of the same setting holds
+    every method of the seed, or, when only reporting, more of them. Seeds may come from different machines."""
+    prefix = here.name[: -len(_TAG_EXAMPLE)]
+    others = sorted(p for p in here.parent.glob(f"{prefix}*") if p != here and p.is_dir()
+                    and re.fullmatch(r"[0-9a-f]{8}", p.name[len(prefix):]))  # fmt: skip
+
+    def held(folder: Path) -> int:
+        return sum((folder / f"{Job(m, seed).name}-seed{seed}.json").exists() for m in methods)
+
+    complete = [f for f in (here, *others) if held(f) == len(methods)]
+    if complete or training:
+        return complete[0] if complete else here
+    return max((here, *others), key=held)  # the first of the fullest: this machine's on a tie
+
+
+def folder_machine(folder: Path) -> dict | None:
+    """The machine a cache folder's runs came from (machine.json beside them; absent in folders before 2026-12-02)."""
+    path = folder / "machine.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def score(model, tokenizer, held, references, setting: Setting) -> dict:
     """Held-out accuracy (greedy, final answer after ####) and the NLL of the student's own general answers."""
     from merge_of_thought.evaluation import generation_accuracy, prompts_and_answers
@@ -279,16 +304,18 @@ def main(argv: list[str] | None = None) -> dict:
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"
     work.mkdir(parents=True, exist_ok=True)
+    quality.write_json_atomic(work / "machine.json", identity)
     start = time.perf_counter()
+    folders = {seed: seed_folder(seed, methods, work, training=not args.cached_only) for seed in seeds}
     jobs = [Job(method, seed) for seed in seeds for method in methods]
-    cached = {job: work / f"{job.name}-seed{job.seed}.json" for job in jobs}
+    cached = {job: folders[job.seed] / f"{job.name}-seed{job.seed}.json" for job in jobs}
     not_run: list[str] = []
     if args.cached_only:  # report only: neither the student nor its untrained scores are computed
         not_run = [f"{job.name} seed {job.seed}" for job in jobs if not cached[job].exists()]
         jobs = [job for job in jobs if cached[job].exists()]
         if not jobs:
             raise SystemExit(f"No run is cached in {work} yet: run without --cached-only to train them.")
-        start_point = json.loads((work / "untrained.json").read_text())  # written before any run
+        start_point = json.loads((folders[jobs[0].seed] / "untrained.json").read_text())  # written before any run
     else:
         folder = str(smollm2_135m())
         references, start_point = untrained_student(folder, work, setting)
@@ -296,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores
         path = cached[job]
         if path.exists():
-            result = {**json.loads(path.read_text()), "cached": True}
+            result = {"machine": folder_machine(path.parent), **json.loads(path.read_text()), "cached": True}
         else:
             result = {**run_job(job, setting, folder, references, start_point), "machine": identity}
             quality.write_json_atomic(path, result)
@@ -306,8 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{final['general_nll']:.3f} ({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)",
               flush=True)  # fmt: skip
     summary = summarize(results, setting)
+    machines = {r["job"]["seed"]: r["machine"] for r in results}
+    one_machine = len({json.dumps(m, sort_keys=True) for m in machines.values()}) == 1
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
-                   for r in results), untrained=start_point, not_run=not_run, machine=identity)  # fmt: skip
+                   for r in results), untrained=start_point, not_run=not_run,
+                   machine=next(iter(machines.values())) if one_machine else None,
+                   machines_per_seed=None if one_machine else machines)  # fmt: skip
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
                           else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
