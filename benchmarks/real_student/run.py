@@ -7,7 +7,7 @@
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
-merge_of_thought.baselines, the code path of ``mot train --baseline``), one job per process, cached as JSON in
+merge_of_thought.baselines, the code path of ``mot train --baseline``), one job at a time, each cached as JSON in
 ``--work-dir`` (by default benchmarks/results/runs/, committed) so an interrupted benchmark resumes, in a later
 session too. Writes benchmarks/results/real_student{,_quick,_formats}.{json,md,png}.
 """
