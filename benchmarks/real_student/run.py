@@ -37,7 +37,6 @@ _spec.loader.exec_module(quality)
 
 RESULTS = HERE.parent / "results"
 RUNS = RESULTS / "runs" / "real_student"  # committed: the machines' home folders do not outlive a session
-_TAG_EXAMPLE = "0123abcd"  # the length of quality.machine_tag's names, the end of each cache folder's name
 PROBE = ("Probe score: minus the mean token NLL of the untrained student's own answers to 20 general questions; "
          "forgetting: its rise, end minus start (0 = nothing forgotten).")
 
@@ -173,9 +172,9 @@ def seed_folder(seed: int, methods: list[str], here: Path, training: bool) -> Pa
     """The cache folder all of a seed's runs come from. A seed's methods pair only when they ran on one machine, so
     the seed is the unit: this machine's folder (``here``), unless another machine's folder of the same setting holds
     every method of the seed, or, when only reporting, more of them. Seeds may come from different machines."""
-    prefix = here.name[: -len(_TAG_EXAMPLE)]
-    others = sorted(p for p in here.parent.glob(f"{prefix}*") if p != here and p.is_dir()
-                    and re.fullmatch(r"[0-9a-f]{8}", p.name[len(prefix):]))  # fmt: skip
+    setting = here.name.rsplit("-", 1)[0]  # a folder is "<setting>-<machine tag>"; tags have no "-"
+    others = sorted(p for p in here.parent.glob(f"{setting}-*") if p != here and p.is_dir()
+                    and re.fullmatch(rf"{re.escape(setting)}-[0-9a-f]{{8}}", p.name))  # fmt: skip
 
     def held(folder: Path) -> int:
         return sum((folder / f"{Job(m, seed).name}-seed{seed}.json").exists() for m in methods)
