@@ -101,3 +101,26 @@ def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "Machines, per seed (each seed's runs on one): seed 0: CPU A, family 1 model 1 (none of" in text
     assert "seed 1: not recorded." in text
+
+
+def test_validation_weights_follow_the_branch_scores(bench):
+    assert bench.validation_weights({"a": 0.6, "b": 0.2, "c": 0.0, "d": 0.2}, ["a", "b", "c", "d"]) == pytest.approx(
+        [0.6, 0.2, 0.0, 0.2])
+    assert bench.validation_weights({"a": 0.3, "b": 0.1}, ["b", "a"]) == pytest.approx([0.25, 0.75])  # teacher order
+    assert bench.validation_weights({"a": 0.0, "b": 0.0}, ["a", "b"]) == [0.5, 0.5]  # nothing scored: uniform
+
+
+def test_quick_validation_weighted_run_merges_by_the_branch_scores(bench, tmp_path):
+    """The exploratory mot-val-weighted (README.md): each round's merge weights are the branches' validation
+    accuracies normalised, recorded in the curve, and the report goes apart from the pre-registered one."""
+    bench.main(["--quick", "--regime", "formats", "--methods", "mot-val-weighted", "--work-dir", str(tmp_path / "w"),
+                "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    saved = json.loads((tmp_path / "results" / "real_student_quick_formats_exploratory.json").read_text())
+    (run,) = saved["runs"]
+    assert run["name"] == "MoT-val-weighted" and [p["steps"] for p in run["curve"]] == [0, 4, 8]
+    for point in run["curve"][1:]:
+        scores, weights = point["branch_accuracy"], point["weights"]
+        assert list(weights) == ["left", "verbose", "column", "grouped"] and set(scores) == set(weights)
+        assert all(0 <= s <= 1 for s in scores.values()) and sum(weights.values()) == pytest.approx(1)
+        assert weights == pytest.approx(dict(zip(weights, bench.validation_weights(scores, list(weights)))))
+    assert not (tmp_path / "results" / "real_student_quick_formats.json").exists()  # the design's report untouched

@@ -4,12 +4,14 @@
     python benchmarks/real_student/run.py --seeds 0        # one seed (each run is cached: run more seeds later)
     python benchmarks/real_student/run.py --steps 50       # the paper's 50 steps per round (a GPU)
     python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step (batch 2)
+    python benchmarks/real_student/run.py --regime formats --exploratory mot-val-weighted   # + a method added later
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
 merge_of_thought.baselines, the code path of ``mot train --baseline``), one job at a time, each cached as JSON in
 ``--work-dir`` (by default benchmarks/results/runs/, committed) so an interrupted benchmark resumes, in a later
-session too. Writes benchmarks/results/real_student{,_quick,_formats}.{json,md,png}.
+session too. Writes benchmarks/results/real_student{,_quick,_formats}{,_exploratory}.{json,md,png} (the last when an
+exploratory method, added after the design, is in the run).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Setting(quality.Setting):
     max_new_tokens: int = 64
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
+    validation: int = 50  # held-out problems after the scored ones: mot-val-weighted's branch scores
     regime: str = "shared"  # task.REGIMES: "shared" (the first design) or "formats"
 
     @property
@@ -61,7 +64,7 @@ class Setting(quality.Setting):
 
 
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
-                general_prompts=4, general_tokens=12)
+                general_prompts=4, general_tokens=12, validation=4)
 
 # MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher, T x S with a fresh
 # branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher of the regime.
@@ -80,8 +83,10 @@ def default_methods(regime: str) -> list[str]:
 METHODS = tuple(dict.fromkeys(["mot", "mot-persistent", *CONTROLS, "mtd",
                                *(f"std-{t}" for teachers in REGIMES.values() for t in teachers)]))  # fmt: skip
 # Not in the pre-registered design, added after it (the MoT-wins issue); run only when named with --methods:
-# DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here).
-EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"]}
+# DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here),
+# and merge weights from the branches' validation scores (README.md, "Exploratory").
+EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"],
+               "mot-val-weighted": {}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +100,14 @@ class Job:
             return f"STD-{self.method[4:]}"
         return {"mot": "MoT", "mot-persistent": "MoT-persistent", "restart-only": "restart-only", "mtd": "MTD",
                 "same-left": "same-left",
-                "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov"}[self.method]
+                "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov",
+                "mot-val-weighted": "MoT-val-weighted"}[self.method]
+
+
+def validation_weights(scores: dict[str, float], teachers: list[str]) -> list[float]:
+    """Merge weights in teacher order proportional to the branches' validation accuracy; uniform when all are 0."""
+    total = sum(scores[t] for t in teachers)
+    return [scores[t] / total if total > 0 else 1.0 / len(teachers) for t in teachers]
 
 
 def keep_freed_memory() -> None:
@@ -223,6 +235,10 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     data = {t: teacher_dataset(t, prompts, job.seed) for t in setting.teachers}
     curve = [{"steps": 0, **start_point}]
     run_dir = tempfile.TemporaryDirectory(prefix="mot-real-")
+    weighted = job.method == "mot-val-weighted"  # each branch scored on the validation problems (never trained on)
+    validation = teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
+    scoring = dict(eval_accuracy_samples=setting.validation, eval_max_new_tokens=setting.max_new_tokens,
+                   per_device_eval_batch_size=setting.validation) if weighted else {}  # fmt: skip
     args = MoTConfig(
         output_dir=run_dir.name, num_rounds=setting.rounds, max_steps=setting.steps_per_round,
         learning_rate=setting.learning_rate, lr_scheduler_type="constant",
@@ -230,7 +246,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
         gradient_checkpointing=False, report_to=[], disable_tqdm=True, logging_steps=10**6, seed=job.seed,
         dataloader_pin_memory=False, overwrite_output_dir=True, assistant_only_loss=False,
         branch_state="persistent" if job.method.startswith("mot-persistent") else "fresh",
-        allow_single_teacher=job.method == "restart-only",
+        allow_single_teacher=job.method == "restart-only", **scoring,
     )  # fmt: skip
     lora = LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")  # fmt: skip
@@ -238,14 +254,30 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
         teachers = {"restart-only": {"left": data["left"]}, "same-left": {f"left-{k}": data["left"] for k in range(4)}
                     }.get(job.method, data)  # fmt: skip
         per_round = setting.steps_per_round * len(teachers)
+        branch_scores: dict[str, float] = {}
+
+        class WeighByValidation(MoTCallback):
+            """After the round's last branch is scored, set the round's merge weights from the scores."""
+
+            def on_round_begin(self, trainer, round_idx):
+                branch_scores.clear()
+
+            def on_branch_end(self, trainer, round_idx, teacher, metrics):
+                branch_scores[teacher] = metrics["eval_accuracy"]
+                if len(branch_scores) == len(trainer.teacher_names):
+                    trainer.teacher_weights = validation_weights(branch_scores, trainer.teacher_names)
 
         class ScoreRound(MoTCallback):
             def on_round_end(self, trainer, round_idx, metrics):
                 keep = {k: metrics[k] for k in ("merge_rank", "merge_kept_norm") if k in metrics}
+                if weighted:
+                    keep.update(branch_accuracy=dict(branch_scores),
+                                weights=dict(zip(trainer.teacher_names, trainer.teacher_weights)))  # fmt: skip
                 curve.append({"steps": round_idx * per_round, "round": round_idx,
                               **score(trainer.model, tokenizer, held, references, setting), **keep})  # fmt: skip
 
-        callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), ScoreRound()]
+        callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), *([WeighByValidation()] if weighted
+                     else []), ScoreRound()]  # fmt: skip
     else:
         kind, teacher = ("mtd", None) if job.method == "mtd" else ("std", job.method[4:])
         teachers, args = baseline_run(kind, data, args, teacher=teacher)
@@ -258,7 +290,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
 
         callbacks = [ScoreEvery()]
     MoTTrainer(model, args=args, teachers=teachers, processing_class=tokenizer, peft_config=lora,
-               callbacks=callbacks).train()  # fmt: skip
+               eval_dataset=validation if weighted else None, callbacks=callbacks).train()  # fmt: skip
     run_dir.cleanup()
     return {"job": dataclasses.asdict(job), "name": job.name, "curve": curve, "seconds": time.perf_counter() - start}
 
@@ -281,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="teachers: 'shared' (the first design) or 'formats' (traces differ from the first token)")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=None,
                         help="default: the regime's pre-registered ones; the exploratory ones run only when named")
+    parser.add_argument("--exploratory", nargs="+", choices=list(EXPLORATORY), default=[],
+                        help="also run these methods added after the design; reported apart, beside the others")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -291,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     keep_freed_memory()
     setting = dataclasses.replace(QUICK if args.quick else Setting(), regime=args.regime)
-    methods = args.methods or default_methods(args.regime)
+    methods = list(dict.fromkeys([*(args.methods or default_methods(args.regime)), *args.exploratory]))
     unknown = [m for m in methods if m.startswith("std-") and m[4:] not in setting.teachers]
     if unknown:
         parser.error(f"{', '.join(unknown)}: not a teacher of the {args.regime} regime {setting.teachers}")
@@ -343,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ("" if setting.steps_per_round == 10 else f"_s{setting.steps_per_round}")
-    suffix += regime.replace("-", "_")
+    suffix += regime.replace("-", "_") + ("_exploratory" if set(methods) & set(EXPLORATORY) else "")
     (out / f"real_student{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}, {args.regime} regime"
     quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
