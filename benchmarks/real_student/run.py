@@ -82,7 +82,7 @@ def default_methods(regime: str) -> list[str]:
 
 METHODS = tuple(dict.fromkeys(["mot", "mot-persistent", *CONTROLS, "mtd",
                                *(f"std-{t}" for teachers in REGIMES.values() for t in teachers)]))  # fmt: skip
-# Not in the pre-registered design, added after it (the MoT-wins issue); run only when named with --methods:
+# Not in the pre-registered design, added after it (the MoT-wins issue); run only when named (--exploratory):
 # DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here),
 # and merge weights from the branches' validation scores (README.md, "Exploratory").
 EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"],
@@ -236,7 +236,8 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     curve = [{"steps": 0, **start_point}]
     run_dir = tempfile.TemporaryDirectory(prefix="mot-real-")
     weighted = job.method == "mot-val-weighted"  # each branch scored on the validation problems (never trained on)
-    validation = teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
+    validation = (teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
+                  if weighted else None)  # fmt: skip
     scoring = dict(eval_accuracy_samples=setting.validation, eval_max_new_tokens=setting.max_new_tokens,
                    per_device_eval_batch_size=setting.validation) if weighted else {}  # fmt: skip
     args = MoTConfig(
@@ -290,7 +291,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
 
         callbacks = [ScoreEvery()]
     MoTTrainer(model, args=args, teachers=teachers, processing_class=tokenizer, peft_config=lora,
-               eval_dataset=validation if weighted else None, callbacks=callbacks).train()  # fmt: skip
+               eval_dataset=validation, callbacks=callbacks).train()  # fmt: skip
     run_dir.cleanup()
     return {"job": dataclasses.asdict(job), "name": job.name, "curve": curve, "seconds": time.perf_counter() - start}
 
