@@ -8,6 +8,7 @@ results file names the CPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -18,7 +19,9 @@ from pathlib import Path
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
+@functools.cache
 def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once a process (every field used here is fixed while it runs)."""
     path = Path("/proc/cpuinfo")
     return path.read_text() if path.exists() else ""
 
