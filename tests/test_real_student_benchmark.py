@@ -48,28 +48,40 @@ def test_teachers_share_the_answer_line_and_only_the_noisy_one_is_wrong(bench):
 
 
 def test_quick_smoke_run_on_smollm2(bench, tmp_path):
-    """MoT in --quick end to end on the real student (the baselines' path is tests/test_baselines.py's; the full
-    --quick runs every method, ~5 min on 2 cores)."""
-    summary = bench.main(["--quick", "--methods", "mot", "--work-dir", str(tmp_path / "work"),
-                          "--results-dir", str(tmp_path / "results")])  # fmt: skip
+    """MoT and the exploratory mot-val-weighted (README.md) in --quick end to end on the real student, in one run
+    (the baselines' path is tests/test_baselines.py's; the full --quick runs every method, ~5 min on 2 cores)."""
+    results = tmp_path / "results"
+    run = ["--quick", "--methods", "mot", "mot-val-weighted", "--work-dir", str(tmp_path / "work"),
+           "--results-dir", str(results)]  # fmt: skip
+    summary = bench.main(run)
     methods = summary["methods"]
-    assert set(methods) == {"MoT"} and methods["MoT"]["steps"] == 8
-    saved = json.loads((tmp_path / "results" / "real_student_quick.json").read_text())
+    assert set(methods) == {"MoT", "MoT-val-weighted"} and methods["MoT"]["steps"] == 8
+    saved = json.loads((results / "real_student_quick_exploratory.json").read_text())
+    assert not (results / "real_student_quick.json").exists()  # an exploratory method is reported apart
     mot = next(r for r in saved["runs"] if r["name"] == "MoT")
     assert [p["steps"] for p in mot["curve"]] == [0, 4, 8] and all("merge_kept_norm" in p for p in mot["curve"][1:])
     assert all(0 <= p["accuracy"] <= 1 and p["general_nll"] > 0 for p in mot["curve"])
-    assert (tmp_path / "results" / "real_student_quick.png").read_bytes().startswith(b"\x89PNG")
-    assert "| MoT | 8 |" in (tmp_path / "results" / "real_student_quick.md").read_text()
+    assert (results / "real_student_quick_exploratory.png").read_bytes().startswith(b"\x89PNG")
+    assert "| MoT | 8 |" in (results / "real_student_quick_exploratory.md").read_text()
     identity = bench.quality.machine()
     assert saved["summary"]["machine"] == identity  # the runs' machine, whose kernels decide their results
     assert [p.name for p in (tmp_path / "work").iterdir()] == [f"quick-{bench.quality.machine_tag(identity)}"]
-    again = bench.main(["--quick", "--methods", "mot", "--work-dir", str(tmp_path / "work"),
-                        "--results-dir", str(tmp_path / "results")])  # fmt: skip
-    assert again["runs_from_cache"] == 1  # an interrupted benchmark resumes from its cached runs
+
+    # mot-val-weighted: each round merged with the branches' validation accuracies, normalised (teacher_weighting)
+    weighted = next(r for r in saved["runs"] if r["name"] == "MoT-val-weighted")
+    assert [p["steps"] for p in weighted["curve"]] == [0, 4, 8]
+    for point in weighted["curve"][1:]:
+        scores, weights = point["branch_accuracy"], point["weights"]
+        assert list(weights) == ["left", "verbose", "right", "noisy"] and set(scores) == set(weights)
+        total = sum(scores.values())
+        assert weights == pytest.approx({t: s / total if total else 0.25 for t, s in scores.items()})
+
+    again = bench.main(run)
+    assert again["runs_from_cache"] == 2  # an interrupted benchmark resumes from its cached runs
     report = bench.main(["--quick", "--cached-only", "--methods", "mot", "mtd", "--work-dir", str(tmp_path / "work"),
-                         "--results-dir", str(tmp_path / "results")])  # fmt: skip
+                         "--results-dir", str(results)])  # fmt: skip
     assert set(report["methods"]) == {"MoT"} and report["not_run"] == ["MTD seed 0"]  # reported, nothing trained
-    assert "Not run yet (cached runs only): MTD seed 0." in (tmp_path / "results" / "real_student_quick.md").read_text()
+    assert "Not run yet (cached runs only): MTD seed 0." in (results / "real_student_quick.md").read_text()
 
 
 def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
@@ -101,26 +113,3 @@ def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "Machines, per seed (each seed's runs on one): seed 0: CPU A, family 1 model 1 (none of" in text
     assert "seed 1: not recorded." in text
-
-
-def test_validation_weights_follow_the_branch_scores(bench):
-    assert bench.validation_weights({"a": 0.6, "b": 0.2, "c": 0.0, "d": 0.2}, ["a", "b", "c", "d"]) == pytest.approx(
-        [0.6, 0.2, 0.0, 0.2])
-    assert bench.validation_weights({"a": 0.3, "b": 0.1}, ["b", "a"]) == pytest.approx([0.25, 0.75])  # teacher order
-    assert bench.validation_weights({"a": 0.0, "b": 0.0}, ["a", "b"]) == [0.5, 0.5]  # nothing scored: uniform
-
-
-def test_quick_validation_weighted_run_merges_by_the_branch_scores(bench, tmp_path):
-    """The exploratory mot-val-weighted (README.md): each round's merge weights are the branches' validation
-    accuracies normalised, recorded in the curve, and the report goes apart from the pre-registered one."""
-    bench.main(["--quick", "--regime", "formats", "--methods", "mot-val-weighted", "--work-dir", str(tmp_path / "w"),
-                "--results-dir", str(tmp_path / "results")])  # fmt: skip
-    saved = json.loads((tmp_path / "results" / "real_student_quick_formats_exploratory.json").read_text())
-    (run,) = saved["runs"]
-    assert run["name"] == "MoT-val-weighted" and [p["steps"] for p in run["curve"]] == [0, 4, 8]
-    for point in run["curve"][1:]:
-        scores, weights = point["branch_accuracy"], point["weights"]
-        assert list(weights) == ["left", "verbose", "column", "grouped"] and set(scores) == set(weights)
-        assert all(0 <= s <= 1 for s in scores.values()) and sum(weights.values()) == pytest.approx(1)
-        assert weights == pytest.approx(dict(zip(weights, bench.validation_weights(scores, list(weights)))))
-    assert not (tmp_path / "results" / "real_student_quick_formats.json").exists()  # the design's report untouched

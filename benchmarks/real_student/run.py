@@ -104,12 +104,6 @@ class Job:
                 "mot-val-weighted": "MoT-val-weighted"}[self.method]
 
 
-def validation_weights(scores: dict[str, float], teachers: list[str]) -> list[float]:
-    """Merge weights in teacher order proportional to the branches' validation accuracy; uniform when all are 0."""
-    total = sum(scores[t] for t in teachers)
-    return [scores[t] / total if total > 0 else 1.0 / len(teachers) for t in teachers]
-
-
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse. By default it hands every large block (the logits, each layer's
     dequantized weight) back to the kernel and faults it in again at the next step: on a 2-core AMD EPYC with
@@ -239,7 +233,8 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     validation = (teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
                   if weighted else None)  # fmt: skip
     scoring = dict(eval_accuracy_samples=setting.validation, eval_max_new_tokens=setting.max_new_tokens,
-                   per_device_eval_batch_size=setting.validation) if weighted else {}  # fmt: skip
+                   per_device_eval_batch_size=setting.validation, teacher_weighting="eval_accuracy"
+                   ) if weighted else {}  # fmt: skip
     args = MoTConfig(
         output_dir=run_dir.name, num_rounds=setting.rounds, max_steps=setting.steps_per_round,
         learning_rate=setting.learning_rate, lr_scheduler_type="constant",
@@ -255,30 +250,21 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
         teachers = {"restart-only": {"left": data["left"]}, "same-left": {f"left-{k}": data["left"] for k in range(4)}
                     }.get(job.method, data)  # fmt: skip
         per_round = setting.steps_per_round * len(teachers)
-        branch_scores: dict[str, float] = {}
-
-        class WeighByValidation(MoTCallback):
-            """After the round's last branch is scored, set the round's merge weights from the scores."""
-
-            def on_round_begin(self, trainer, round_idx):
-                branch_scores.clear()
-
-            def on_branch_end(self, trainer, round_idx, teacher, metrics):
-                branch_scores[teacher] = metrics["eval_accuracy"]
-                if len(branch_scores) == len(trainer.teacher_names):
-                    trainer.teacher_weights = validation_weights(branch_scores, trainer.teacher_names)
+        branch_scores: dict[str, float] = {}  # mot-val-weighted: the round's validation scores, its merge weights
 
         class ScoreRound(MoTCallback):
+            def on_branch_end(self, trainer, round_idx, teacher, metrics):
+                if weighted:
+                    branch_scores[teacher] = metrics["eval_accuracy"]
+
             def on_round_end(self, trainer, round_idx, metrics):
                 keep = {k: metrics[k] for k in ("merge_rank", "merge_kept_norm") if k in metrics}
                 if weighted:
-                    keep.update(branch_accuracy=dict(branch_scores),
-                                weights=dict(zip(trainer.teacher_names, trainer.teacher_weights)))  # fmt: skip
+                    keep.update(branch_accuracy=dict(branch_scores), weights=metrics["merge_weights"])
                 curve.append({"steps": round_idx * per_round, "round": round_idx,
                               **score(trainer.model, tokenizer, held, references, setting), **keep})  # fmt: skip
 
-        callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), *([WeighByValidation()] if weighted
-                     else []), ScoreRound()]  # fmt: skip
+        callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), ScoreRound()]
     else:
         kind, teacher = ("mtd", None) if job.method == "mtd" else ("std", job.method[4:])
         teachers, args = baseline_run(kind, data, args, teacher=teacher)

@@ -63,6 +63,7 @@ def baseline_run(
         data = {teacher: teachers[teacher]}
     total = baseline_steps(args, len(teachers), steps or ("mot" if kind == "mtd" else "path"))
     config = dataclasses.replace(
-        args, num_rounds=1, max_steps=total, allow_single_teacher=True, teacher_weights=None, branch_state="fresh"
+        args, num_rounds=1, max_steps=total, allow_single_teacher=True, teacher_weights=None, branch_state="fresh",
+        teacher_weighting="fixed",
     )
     return data, config

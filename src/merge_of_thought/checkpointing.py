@@ -6,7 +6,8 @@ output_dir/
   metrics.jsonl                one line per branch and per round
   round-001/
     round.json                 the round's teachers, weights, start state, merge report
-    branch-<teacher>/          that branch's LoRA adapter (PEFT format), trained on top of the start state
+    branch-<teacher>/          that branch's LoRA adapter (PEFT format), trained on top of the start state, and
+                               mot_branch.json, its metrics line (losses, its own eval scores)
     merged/                    the cumulative merged delta after this round: a PEFT LoRA adapter on the base model
   round-002/ ...
 ```
@@ -45,13 +46,14 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "mot_run.json"
 METRICS_FILE = "metrics.jsonl"
 ROUND_FILE = "round.json"
+BRANCH_RECORD = "mot_branch.json"  # in a branch's folder, written with its adapter: its line of metrics.jsonl
 _TEMP_MARK = ".tmp-"  # in the names of folders and files still being written; never read as results
 
 # The fields of mot_run.json that must match for a resumed run to continue the one on disk (anything else, such as
 # the learning rate or num_rounds, may change on resume: e.g. a lower learning rate after a diverged branch).
 IDENTITY_FIELDS = (
     "base_model", "teachers", "teacher_rows", "teacher_weights", "lora", "steps_per_branch", "seed", "merge_max_rank",
-    "merge_step_size", "shared_branch_init", "branch_state",
+    "merge_step_size", "shared_branch_init", "branch_state", "teacher_weighting",
 )
 
 
@@ -263,6 +265,12 @@ class RunFolder:
     def read_branch(self, round_idx: int, teacher: str) -> dict[str, LowRankDelta]:
         """A finished branch's delta, bit for bit the fp32 factors the run held (adapters are saved in fp32)."""
         return load_delta(self.branch_dir(round_idx, teacher))
+
+    def read_branch_record(self, round_idx: int, teacher: str) -> dict[str, Any]:
+        """A finished branch's metrics line (its scores weigh the merge under ``teacher_weighting``); empty for a
+        branch written before the record was kept beside its adapter."""
+        path = self.branch_dir(round_idx, teacher) / BRANCH_RECORD
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def read_merged(self, round_idx: int) -> dict[str, LowRankDelta]:
         """The merged delta after ``round_idx`` with each layer at its own rank, as the run held it.

@@ -122,6 +122,7 @@ def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "merge_rank": record.get("merge_rank"),
                 "merge_rel_error_total": record.get("merge_rel_error_total"),
                 "merge_kept_norm": record.get("merge_kept_norm"),
+                "merge_weights": record.get("merge_weights"),
             }
         )
     return rows
@@ -193,6 +194,9 @@ def run_card(
     """The card of an exported MoT student, with its metrics plot written beside it in ``folder``."""
     teachers = list(run.get("teachers", []))
     weights = dict(zip(teachers, run.get("teacher_weights", [])))
+    by_score = run.get("teacher_weighting", "fixed") != "fixed"  # weights chosen each round (weighting.py)
+    if by_score:
+        weights = {t: f"each round, by the branch's {run['teacher_weighting']}" for t in teachers}
     dataset_ids = dict(run.get("teacher_datasets") or {})
     lora = run.get("lora", {})
     steps = run.get("steps_per_branch")
@@ -248,6 +252,8 @@ def run_card(
         f"- branches: {run.get('branch_state', 'fresh')} (fresh: a new LoRA adapter and optimizer every round; "
         "persistent: each teacher's adapter and optimizer carried across rounds)",
         f"- student weights: {precision(run.get('quantization'))}",
+        f"- merge weights: {run.get('teacher_weighting', 'fixed')} (fixed: the teacher weights above every round; "
+        "eval_accuracy: proportional to each branch's own eval accuracy that round)",
         f"- seed: {run.get('seed')}",
         "",
         "## Metrics per round",
@@ -259,6 +265,10 @@ def run_card(
                "merge_rel_error_total": "merge rel. error", "merge_kept_norm": "update norm kept by the average"}
     optional = ("eval_accuracy", "branch_eval_loss", "branch_eval_accuracy")  # shown when measured
     columns = {k: v for k, v in columns.items() if k not in optional or any(r[k] is not None for r in rows)}
+    if by_score:
+        columns["merge_weights"] = "merge weights"
+        for row in rows:
+            row["merge_weights"] = ", ".join(f"{t} {w:.3g}" for t, w in (row["merge_weights"] or {}).items()) or None
     body.append(table(list(columns.values()), [[r[k] for k in columns] for r in rows]))
     if any(r["branch_eval_loss"] is not None for r in rows):
         body += ["", BRANCH_EVAL_NOTE]

@@ -14,6 +14,7 @@ from trl import SFTConfig
 from . import distributed
 from .branches import BRANCH_STATES
 from .frozen import FROZEN_DELTA
+from .weighting import TEACHER_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ class MoTConfig(SFTConfig):
         num_rounds (`int`, defaults to `5`): rounds of branch-train-merge.
         teacher_weights (`dict[str, float]`, *optional*): merge weight per teacher name, summing to 1; uniform
             when unset.
+        teacher_weighting (`str`, defaults to `"fixed"`): how each round weighs its branches in the merge
+            (weighting.py). `"fixed"` (the paper): `teacher_weights` every round. `"eval_accuracy"`: proportional to
+            each branch's own greedy accuracy on `eval_dataset` that round (uniform when all score 0), so a teacher
+            whose traces the student does not learn gets little of the average. It needs an `eval_dataset` with
+            answers, `eval_accuracy_samples > 0` and `eval_branches=True`, and `teacher_weights` unset; use held-out
+            problems that are not your test set. Every round's weights go to metrics.jsonl, `round.json` and the
+            model card.
         merge_step_size (`float`, defaults to `1.0`): outer step size: each round adds
             ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
             extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
@@ -124,6 +132,11 @@ class MoTConfig(SFTConfig):
     teacher_weights: dict[str, float] | str | None = field(
         default=None,
         metadata={"help": "Merge weight per teacher name, summing to 1 (JSON on the command line). Uniform if unset."},
+    )
+    teacher_weighting: str = field(
+        default="fixed",
+        metadata={"help": "Merge weights per round: 'fixed' (teacher_weights, uniform if unset; the paper) or "
+                  "'eval_accuracy' (the branches' own eval accuracy that round).", "choices": list(TEACHER_WEIGHTINGS)},
     )
     merge_step_size: float = field(
         default=1.0,
@@ -217,6 +230,17 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
         if self.answer_match not in ("numeric", "exact"):
             raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
+        if self.teacher_weighting not in TEACHER_WEIGHTINGS:
+            raise ValueError(f"teacher_weighting must be one of {TEACHER_WEIGHTINGS}, got {self.teacher_weighting!r}.")
+        if self.teacher_weighting == "eval_accuracy":
+            needs = [need for need, missing in (
+                ("eval_accuracy_samples > 0 (the branches are weighted by their generation accuracy)",
+                 self.eval_accuracy_samples < 1),
+                ("eval_branches=True (each branch is scored before the merge)", not self.eval_branches),
+                ("teacher_weights unset (the weights come from the scores)", self.teacher_weights is not None),
+            ) if missing]  # fmt: skip
+            if needs:
+                raise ValueError("teacher_weighting='eval_accuracy' needs " + "; ".join(needs) + ".")
         if self.branch_state not in BRANCH_STATES:
             raise ValueError(f"branch_state must be 'fresh' or 'persistent', got {self.branch_state!r}.")
         if self.frozen_delta not in FROZEN_DELTA:

@@ -8,6 +8,7 @@ The algorithm (Shen et al., arXiv 2509.08814), as :meth:`MoTTrainer.train` runs 
             SFTTrainer(...).train()              # teacher k's traces, max_steps, fresh optimizer and schedule
             dW_k = B_k @ A_k * scaling           # read in fp32, saved in PEFT format
         gather every branch's factors            # distributed.py; a no-op in one process
+        w = teacher_weights, or scores           # normalised branch eval accuracies (teacher_weighting, weighting.py)
         D = D + s * sum_k w_k dW_k               # exact, as low-rank factors (merging.py); s = merge_step_size = 1
         student = base + D                       # D: a frozen fp32 adapter, or in fp32 weights (frozen.py)
 
@@ -36,10 +37,10 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, branches, distributed, frozen, quantization
+from . import adapters, branches, distributed, frozen, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
+from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
 from .data import check_chat_format, normalized_weights, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
@@ -96,6 +97,11 @@ class MoTTrainer:
         validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
         self.teacher_names = list(teachers)
         self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
+        if self.args.teacher_weighting != "fixed" and eval_dataset is None:
+            raise ValueError(
+                f"teacher_weighting={self.args.teacher_weighting!r} weighs each round's branches by their score on "
+                "eval_dataset: pass an eval_dataset (held-out problems with answers)."
+            )
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
         if self.dist.world_size > len(self.teacher_names):
             raise ValueError(
@@ -160,6 +166,7 @@ class MoTTrainer:
         self.merged: dict[str, LowRankDelta] | None = None
         self._resume = ResumePoint()
         self._restored: dict[str, dict[str, LowRankDelta] | None] = {}  # finished branches of a resumed round
+        self._branch_records: dict[str, dict[str, Any]] = {}  # this round's branch records, for the merge weights
         # branch_state="persistent" (branches.py): this process's branches' factors and optimizer state, and every
         # branch's product P_k after its last round (what the next round's update is measured from)
         self._branch_states: dict[str, BranchState] = {}
@@ -207,7 +214,8 @@ class MoTTrainer:
             merge_seconds = time.perf_counter() - start
             self._save_round(round_idx, reports, teachers, weights)
             record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
-                      "merge_kept_norm": kept_norm(deltas, weights)}  # 1: the branches agree
+                      "merge_kept_norm": kept_norm(deltas, weights),  # 1: the branch updates point one way
+                      "merge_weights": dict(zip(teachers, weights))}  # fmt: skip
             self.fire("after_merge", self, round_idx=round_idx, metrics=record)
             record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
             self.metrics.write(record)
@@ -280,6 +288,7 @@ class MoTTrainer:
         teacher = branch.record["teacher"]
         what = f"the adapter of teacher {teacher!r} in round {round_idx}"
         with atomic_dir(self.run.branch_dir(round_idx, teacher), what, last=adapters.ADAPTER_WEIGHTS) as tmp:
+            write_json_atomic(tmp / BRANCH_RECORD, branch.record)  # its scores: a resumed round's merge weights
             branch.adapter.save(tmp, self.base_model_id)
         self.metrics.write(branch.record)
 
@@ -291,6 +300,7 @@ class MoTTrainer:
         for k, branch in gathered.items():
             if k not in mine and branch is not None:
                 self._checkpoint_branch(round_idx, branch)
+        self._branch_records.update({b.record["teacher"]: b.record for b in gathered.values() if b is not None})
         return {self.teacher_names[k]: None if b is None else b.adapter.deltas() for k, b in gathered.items()}
 
     def _branch_seed(self, round_idx: int, k: int) -> int:
@@ -450,6 +460,7 @@ class MoTTrainer:
             "merge_step_size": self.args.merge_step_size,
             "shared_branch_init": self.args.shared_branch_init,
             "branch_state": self.args.branch_state,
+            "teacher_weighting": self.args.teacher_weighting,
             "frozen_delta": self.frozen_delta.home if self.frozen_delta else self.args.frozen_delta,
             "seed": self.args.seed,
         }
@@ -513,6 +524,7 @@ class MoTTrainer:
             self.model = self.frozen_delta.install(self.model, self.merged)
         next_round = point.rounds_done + 1
         self._restored = {t: self.run.read_branch(next_round, t) for t in point.branches_done}
+        self._branch_records = {t: self.run.read_branch_record(next_round, t) for t in point.branches_done}
         self._restored.update({t: None for t in point.branches_dropped})
         if self.args.branch_state == "persistent":
             self._restore_branch_states(point.rounds_done, point.branches_done)
@@ -552,18 +564,21 @@ class MoTTrainer:
             for t, w in zip(self.teacher_names, self.teacher_weights)
             if branch_deltas[t] is not None
         ]
-        total = sum(w for _, _, w in kept)
-        if not kept or total <= 0:
+        if not kept or sum(w for _, _, w in kept) <= 0:
             raise RuntimeError(
                 f"Every branch of round {round_idx} with a non-zero weight diverged and was dropped; nothing is left "
                 "to merge. Lower the learning rate and resume with trainer.train(resume_from_checkpoint=True)."
             )
-        scale = 1.0 if len(kept) == len(self.teacher_names) else 1.0 / total
+        teachers = [t for t, _, _ in kept]
+        weights = weighting.round_weights(
+            self.args.teacher_weighting, teachers, [w for _, _, w in kept], self._branch_records
+        )  # renormalised over the kept branches when one was dropped
+        self._branch_records = {}
         deltas = [d for _, d, _ in kept]
         if self.args.branch_state == "persistent":  # a branch's products P_k^t; its update is P_k^t - P_k^{t-1}
             deltas = [branches.round_update(d, self._branch_products.get(t)) for t, d, _ in kept]
             self._branch_products.update({t: d for t, d, _ in kept})
-        return [t for t, _, _ in kept], deltas, [w * scale for _, _, w in kept]
+        return teachers, deltas, weights
 
     def _save_branch_state(self, round_idx: int, teacher: str, state: BranchState) -> None:
         """Keep a persistent branch's factors and optimizer state for its next round; its optimizer state goes to

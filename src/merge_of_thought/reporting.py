@@ -5,8 +5,9 @@ numbers into the same TensorBoard folder. Instead (``<root>`` is ``$TENSORBOARD_
 ``<output_dir>/runs``)::
 
     <root>/round-001/<teacher>/   the branch's per-step curves (loss, learning_rate, ...), from transformers
-    <root>/mot/                   one point per round: eval/loss, eval/accuracy, merge statistics and
-                                  <teacher>/train_loss of each branch (round 0 is the starting student)
+    <root>/mot/                   one point per round: eval/loss, eval/accuracy, merge statistics,
+                                  <teacher>/train_loss of each branch and <teacher>/merge_weight (round 0 is
+                                  the starting student)
 
 Other integrations (W&B, MLflow, trackio, ...) get the same calls from transformers' own callbacks: each branch
 runs under ``run_name = "round<t>/<teacher>"`` and the per-round metrics are logged with ``step = round``.
@@ -74,7 +75,8 @@ class RoundReporter(MoTCallback):
 
     def on_round_end(self, trainer: MoTTrainer, round_idx: int, metrics: Mapping[str, Any]) -> None:
         logs = _numbers(metrics, skip=("round",) + tuple(k for k in metrics if k.startswith("eval_")))
-        self._log(round_idx, {**logs, **self.branch_metrics})
+        weights = {f"{teacher}/merge_weight": w for teacher, w in metrics.get("merge_weights", {}).items()}
+        self._log(round_idx, {**logs, **self.branch_metrics, **weights})
         self.branch_metrics = {}
 
     def on_train_end(self, trainer: MoTTrainer, rounds: list[dict[str, Any]]) -> None:
