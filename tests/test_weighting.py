@@ -50,6 +50,9 @@ def test_eval_accuracy_weighting_needs_an_eval_dataset_before_the_model_is_loade
     teachers = {"a": constant_teacher("7"), "b": constant_teacher("3")}
     with pytest.raises(ValueError, match="pass an eval_dataset"):
         MoTTrainer(MISSING_MODEL, args=args, teachers=teachers, peft_config=quick_lora())
+    args.teacher_weights = {"a": 0.5, "b": 0.5}  # as `mot train` sets them from a YAML's per-teacher weights
+    with pytest.raises(ValueError, match="and no teacher weights"):
+        MoTTrainer(MISSING_MODEL, args=args, teachers=teachers, peft_config=quick_lora(), eval_dataset=teachers["a"])
 
 
 def constant_teacher(answer: str, n: int = 16) -> Dataset:

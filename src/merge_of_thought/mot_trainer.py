@@ -97,10 +97,10 @@ class MoTTrainer:
         validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
         self.teacher_names = list(teachers)
         self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
-        if self.args.teacher_weighting != "fixed" and eval_dataset is None:
+        if self.args.teacher_weighting != "fixed" and (eval_dataset is None or self.args.teacher_weights):
             raise ValueError(
                 f"teacher_weighting={self.args.teacher_weighting!r} weighs each round's branches by their score on "
-                "eval_dataset: pass an eval_dataset (held-out problems with answers)."
+                "eval_dataset: pass an eval_dataset (held-out problems with answers) and no teacher weights."
             )
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
         if self.dist.world_size > len(self.teacher_names):
