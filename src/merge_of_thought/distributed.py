@@ -17,6 +17,7 @@ The factors are fp32 CPU tensors already (:mod:`.adapters`), so gloo serves GPU 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -155,7 +156,17 @@ class MoTProcessGroup:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"merge_of_thought/{attempt}", store)
         backend = dist.ProcessGroupGloo(store, env.rank, env.world_size, timeout)
-        return cls(env.rank, env.world_size, backend)
+        group = cls(env.rank, env.world_size, backend)
+        atexit.register(group.close)
+        return group
+
+    def close(self) -> None:
+        """Shut the private gloo group down, its threads joined, before the interpreter tears its objects down: left
+        to the exit, a loaded machine saw a process abort there ("terminate called without an active exception",
+        exit code -6, which torchrun reports as a failed run). Registered with atexit; only the exit calls it."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.shutdown()
 
     @property
     def is_main(self) -> bool:
