@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-TEACHER_WEIGHTINGS = ("fixed", "eval_accuracy")
-SCORE = {"eval_accuracy": "eval_accuracy"}  # the branch record's metric each adaptive weighting reads
+TEACHER_WEIGHTINGS = ("fixed", "eval_accuracy")  # past "fixed", each names the branch-record metric it weighs by
 
 
 def round_weights(
@@ -28,12 +27,10 @@ def round_weights(
     renormalised when a diverged branch was left out; ``branch_records`` are the teachers' branch records of this
     round (metrics.jsonl's ``branch`` lines), which hold the scores an adaptive weighting reads.
     """
-    if weighting == "fixed":
+    if weighting == "fixed":  # MoTTrainer has refused a round whose kept weights sum to 0
         total = sum(fixed)
-        if total <= 0:
-            raise ValueError(f"The teachers merged, {list(teachers)}, all have merge weight 0.")
         return list(fixed) if math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6) else [w / total for w in fixed]
-    key = SCORE[weighting]
+    key = weighting
     missing = [t for t in teachers if key not in branch_records.get(t, {})]
     if missing:
         raise RuntimeError(
