@@ -37,7 +37,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, branches, distributed, frozen, quantization, weighting
+from . import adapters, branches, collection, distributed, frozen, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
@@ -195,34 +195,37 @@ class MoTTrainer:
             position=0,
             leave=True,
         )
-        for round_idx in range(self._resume.rounds_done + 1, args.num_rounds + 1):
-            self.fire("on_round_begin", self, round_idx=round_idx)
-            branch_deltas, self._restored = self._restored, {}  # teacher -> delta (None: dropped) before a resume
-            mine = {}
-            for k in my_branches:
-                if self.teacher_names[k] in branch_deltas:  # finished before the resume
-                    continue
-                progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
-                mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
-                progress.update()
-            branch_deltas.update(self._gather_branches(round_idx, mine))
-            teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
-            start = time.perf_counter()
-            scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
-            self.merged, reports = merge_round(self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance)
-            self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
-            merge_seconds = time.perf_counter() - start
-            self._save_round(round_idx, reports, teachers, weights)
-            record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
-                      "merge_kept_norm": kept_norm(deltas, weights),  # 1: the branch updates point one way
-                      "merge_weights": dict(zip(teachers, weights))}  # fmt: skip
-            self.fire("after_merge", self, round_idx=round_idx, metrics=record)
-            record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
-            self.metrics.write(record)
-            rounds.append(record)
-            self.fire("on_round_end", self, round_idx=round_idx, metrics=record)
-            if self.should_stop:
-                break
+        with collection.collect_new_objects_only():  # each branch's gc.collect() walks only new objects
+            for round_idx in range(self._resume.rounds_done + 1, args.num_rounds + 1):
+                self.fire("on_round_begin", self, round_idx=round_idx)
+                branch_deltas, self._restored = self._restored, {}  # teacher -> delta (None: dropped) before a resume
+                mine = {}
+                for k in my_branches:
+                    if self.teacher_names[k] in branch_deltas:  # finished before the resume
+                        continue
+                    progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
+                    mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
+                    progress.update()
+                branch_deltas.update(self._gather_branches(round_idx, mine))
+                teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
+                start = time.perf_counter()
+                scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
+                self.merged, reports = merge_round(
+                    self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance
+                )
+                self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
+                merge_seconds = time.perf_counter() - start
+                self._save_round(round_idx, reports, teachers, weights)
+                record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
+                          "merge_kept_norm": kept_norm(deltas, weights),  # 1: the branch updates point one way
+                          "merge_weights": dict(zip(teachers, weights))}  # fmt: skip
+                self.fire("after_merge", self, round_idx=round_idx, metrics=record)
+                record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
+                self.metrics.write(record)
+                rounds.append(record)
+                self.fire("on_round_end", self, round_idx=round_idx, metrics=record)
+                if self.should_stop:
+                    break
         progress.close()
         self.dist.barrier()  # the run folder is complete when train() returns on any process
         self.fire("on_train_end", self, rounds=rounds)
