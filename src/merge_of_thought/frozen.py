@@ -7,9 +7,10 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
   (4-bit, 8-bit, bf16: never re-quantized). The branch's forward computes it in the same low-rank pass as the
   branch (fused.py), so a step pays for its rank, which grows by K*r a round with fresh branches, and little else.
 - ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
-  cost at all. Each install adds the change since the last one (in float64, rounded once to fp32), so each round
-  adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a delta of 1e-3 ``|W|``), far inside the merge's 1e-3
-  fidelity bound. bf16 and 4-bit weights cannot hold a delta that small (bf16 loses 78% of a 1e-3 delta).
+  cost at all. Each install adds the change since the last one, new minus old factors as one fp32 product
+  accumulated into the weights (``addmm_``), so each round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a
+  delta of 1e-3 ``|W|``), far inside the merge's 1e-3 fidelity bound. bf16 and 4-bit weights cannot hold a delta
+  that small (bf16 loses 78% of a 1e-3 delta).
 - ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
 
 Either way the merged delta itself stays as exact low-rank factors (``MoTTrainer.merged``): checkpoints, exports and
@@ -25,7 +26,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from . import adapters
-from .merging import LowRankDelta
+from .merging import LowRankDelta, concatenate
 
 FROZEN_DELTA = ("auto", "adapter", "weights")
 HOLDS_DELTA = "_mot_weights_hold_merged_delta"  # set on a model whose fp32 weights a run changed
@@ -70,12 +71,11 @@ class FrozenDelta:
         with torch.no_grad():
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight
-                exact = weight.double()  # base + what it holds, then swapped for base + delta: rounded once
-                if name in delta:
-                    exact += _dense64(delta[name], weight.device)
+                parts = [delta[name]] if name in delta else []
                 if name in self._in_weights:
-                    exact -= _dense64(self._in_weights[name], weight.device)
-                weight.copy_(exact)
+                    parts.append(self._in_weights[name].scaled(-1.0))
+                change = concatenate(parts)  # the new delta minus the one the weights hold, as one factor pair
+                weight.addmm_(change.B.to(weight.device), change.A.to(weight.device))  # rounded once into W
         self._in_weights = dict(delta)
         setattr(model, HOLDS_DELTA, True)
         return model
@@ -100,6 +100,3 @@ def unwrap(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
         raise RuntimeError(f"adapters {sorted(model.peft_config)} are still attached; remove them first")
     return model.unload()
 
-
-def _dense64(delta: LowRankDelta, device: torch.device) -> torch.Tensor:
-    return delta.B.to(device, torch.float64) @ delta.A.to(device, torch.float64)
