@@ -11,7 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from merge_of_thought import MoTTrainer
-from merge_of_thought.adapters import check_targets, lora_layers
+from merge_of_thought.adapters import check_targets, lora_layers, save_merged
+from merge_of_thought.checkpointing import SavedDelta
 from merge_of_thought.frozen import FrozenDelta, resolve
 from merge_of_thought.merging import LowRankDelta, merge_round
 
@@ -45,6 +46,9 @@ def test_weights_hold_the_delta_the_adapter_held(qwen3_dir, tokenizer, teachers,
     in_adapter, _ = run(qwen3_dir, two, tmp_path / "adapter", "adapter", branch_state=branch_state, num_rounds=3)
 
     assert json.loads((tmp_path / "weights" / "mot_run.json").read_text())["frozen_delta"] == "weights"
+    # The adapter's factors are the merged delta in memory; with the weights holding it, it stays in its checkpoint.
+    assert isinstance(in_weights.merged, SavedDelta) and not isinstance(in_adapter.merged, SavedDelta)
+    assert in_weights.merged.path == tmp_path / "weights" / "round-003" / "merged" / "adapter_model.safetensors"
     for name, delta in in_adapter.merged.items():  # the same student, up to fp32 rounding
         expected = delta.dense()
         error = (in_weights.merged[name].dense() - expected).norm() / expected.norm()
@@ -103,3 +107,20 @@ def test_weights_take_each_round_change_to_fp32_rounding():
         error = (weight.detach().double() - base - total).norm()
         assert error / (total - before).norm() < 1e-3, round_idx
         assert error / base.norm() < 6e-8 * round_idx, round_idx
+
+
+def test_a_saved_delta_reads_each_layer_at_its_own_rank(tmp_path):
+    """The checkpoint pads layers to one rank; the view gives each back at its rank, exactly, one layer per read."""
+    torch.manual_seed(0)
+    merged = {"a.q_proj": LowRankDelta(torch.randn(8, 3), torch.randn(3, 5)),
+              "a.v_proj": LowRankDelta(torch.randn(4, 6), torch.randn(6, 5))}  # fmt: skip
+    save_merged(merged, tmp_path, None)
+    view = SavedDelta(tmp_path, {name: delta.rank for name, delta in merged.items()})
+    assert sorted(view) == sorted(merged) and len(view) == 2 and "a.k_proj" not in view
+    for name, delta in merged.items():
+        assert view[name].rank == delta.rank
+        assert torch.equal(view[name].B, delta.B) and torch.equal(view[name].A, delta.A)
+    padded = SavedDelta(tmp_path)  # without ranks: the saved (padded) factors, the same product
+    torch.testing.assert_close(padded["a.q_proj"].dense(), merged["a.q_proj"].dense())
+    with pytest.raises(KeyError):
+        view["a.k_proj"]

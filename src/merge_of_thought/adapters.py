@@ -30,6 +30,7 @@ MERGED_ADAPTER = "mot_merged"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_PICKLE = "adapter_model.bin"
+PEFT_KEY_PREFIX = "base_model.model."  # before each module name in a saved adapter's keys
 
 _UNSUPPORTED_LORA_OPTIONS = {
     "use_dora": "DoRA rescales the weight by a trained magnitude, so its change is not a low-rank delta",
@@ -303,14 +304,18 @@ def load_delta(folder: str | Path, allow_pickle: bool = False) -> dict[str, LowR
             if not key.endswith(".lora_B.weight"):
                 raise ValueError(f"{folder}: {key!r} is not a linear LoRA factor; only B @ A deltas can be read.")
             continue
-        module = key[len("base_model.model.") : -len(".lora_A.weight")]
+        module = key[len(PEFT_KEY_PREFIX) : -len(".lora_A.weight")]
         B = state[key.replace(".lora_A.", ".lora_B.")]
         if A.dim() != 2 or B.dim() != 2:
             raise ValueError(f"{folder}: {module} has {A.dim()}-d LoRA factors; only linear layers are supported.")
-        r, alpha = _rank_and_alpha(config, module)
-        scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
-        deltas[module] = LowRankDelta(B.float() * scaling, A.float())
+        deltas[module] = LowRankDelta(B.float() * adapter_scaling(config, module), A.float())
     return deltas
+
+
+def adapter_scaling(config: LoraConfig, module: str) -> float:
+    """The factor PEFT multiplies ``B @ A`` by in ``module`` (rank and alpha patterns, rsLoRA included)."""
+    r, alpha = _rank_and_alpha(config, module)
+    return alpha / (r**0.5) if config.use_rslora else alpha / r
 
 
 def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTER_WEIGHTS, load_delta
+from peft import LoraConfig
+from safetensors import safe_open
+
+from .adapters import ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, adapter_scaling, load_delta
 from .merging import LowRankDelta, MergeReport
 
 logger = logging.getLogger(__name__)
@@ -144,6 +147,41 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def teacher_slug(name: str) -> str:
     """A folder-safe form of a teacher name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "teacher"
+
+
+class SavedDelta(Mapping[str, LowRankDelta]):
+    """A merged delta that stays in its round checkpoint (``round-t/merged``) and is read one layer at a time.
+
+    The saved adapter pads every layer to one rank with zeros; ``ranks`` (from ``round.json``) gives each layer's own.
+    Layers are copied out of the file, so nothing stays mapped between reads.
+    """
+
+    def __init__(self, folder: Path, ranks: Mapping[str, int] | None = None):
+        self.path = folder / ADAPTER_WEIGHTS
+        with safe_open(self.path, framework="pt") as file:
+            keys = [key for key in file.keys() if key.endswith(".lora_A.weight")]
+        names = [key[len(PEFT_KEY_PREFIX) : -len(".lora_A.weight")] for key in keys]
+        config = LoraConfig.from_pretrained(str(folder))
+        self._ranks = {name: (ranks or {}).get(name) for name in names}  # None: the whole saved rank
+        self._scaling = {name: adapter_scaling(config, name) for name in names}
+
+    def __getitem__(self, name: str) -> LowRankDelta:
+        if name not in self._ranks:
+            raise KeyError(name)
+        rank = self._ranks[name]
+        with safe_open(self.path, framework="pt") as file:
+            A = file.get_tensor(f"{PEFT_KEY_PREFIX}{name}.lora_A.weight")[:rank].float().clone()
+            B = file.get_tensor(f"{PEFT_KEY_PREFIX}{name}.lora_B.weight")[:, :rank].float() * self._scaling[name]
+        return LowRankDelta(B.contiguous(), A.contiguous())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ranks  # without reading the layer (Mapping's default would)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ranks)
+
+    def __len__(self) -> int:
+        return len(self._ranks)
 
 
 class RunFolder:
@@ -273,16 +311,13 @@ class RunFolder:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def read_merged(self, round_idx: int) -> dict[str, LowRankDelta]:
-        """The merged delta after ``round_idx`` with each layer at its own rank, as the run held it.
+        """The merged delta after ``round_idx`` with each layer at its own rank, as the run held it."""
+        return dict(self.merged_view(round_idx))
 
-        The saved adapter pads every layer to one rank with zeros; ``round.json`` records each layer's rank.
-        """
-        merged = load_delta(self.merged_dir(round_idx))
+    def merged_view(self, round_idx: int) -> SavedDelta:
+        """The merged delta after ``round_idx``, read from its checkpoint one layer at a time when asked for."""
         layers = json.loads((self.round_dir(round_idx) / ROUND_FILE).read_text()).get("layers", {})
-        for name, delta in merged.items():
-            rank = layers.get(name, {}).get("rank_after", delta.rank)
-            merged[name] = LowRankDelta(delta.B[:, :rank].contiguous(), delta.A[:rank].contiguous())
-        return merged
+        return SavedDelta(self.merged_dir(round_idx), {name: info["rank_after"] for name, info in layers.items()})
 
     def remove_partial(self) -> None:
         """Delete what a killed run left half written (temporary names only; nothing complete is touched)."""

@@ -14,7 +14,8 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
 - ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
 
 Either way the merged delta itself stays as exact low-rank factors (``MoTTrainer.merged``): checkpoints, exports and
-``mot merge`` read those, never the weights.
+``mot merge`` read those, never the weights. With ``"weights"`` nothing needs them between merges, so process 0 reads
+them from the round's checkpoint a layer at a time when asked (``checkpointing.SavedDelta``) instead of holding them.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class FrozenDelta:
     def __init__(self, home: str, base_model_name_or_path: str | None, task_type: str | None):
         self.home = home
         self.base_model_name_or_path, self.task_type = base_model_name_or_path, task_type
-        self._in_weights: dict[str, LowRankDelta] = {}  # what the weights hold now, on top of the loaded base
+        self._in_weights: Mapping[str, LowRankDelta] = {}  # what the weights hold now, on top of the loaded base
 
     def install(
         self, model: PreTrainedModel | PeftModel, delta: Mapping[str, LowRankDelta]
@@ -76,7 +77,7 @@ class FrozenDelta:
                     parts.append(self._in_weights[name].scaled(-1.0))
                 change = concatenate(parts)  # the new delta minus the one the weights hold, as one factor pair
                 weight.addmm_(change.B.to(weight.device), change.A.to(weight.device))  # rounded once into W
-        self._in_weights = dict(delta)
+        self._in_weights = delta  # a mapping: it may read each layer from a checkpoint when asked (SavedDelta)
         setattr(model, HOLDS_DELTA, True)
         return model
 
