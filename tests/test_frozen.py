@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from merge_of_thought import MoTTrainer
-from merge_of_thought.adapters import check_targets, lora_layers, save_merged
+from merge_of_thought.adapters import MERGED_ADAPTER, check_targets, lora_layers, save_merged
 from merge_of_thought.checkpointing import SavedDelta
 from merge_of_thought.frozen import FrozenDelta, resolve
 from merge_of_thought.merging import LowRankDelta, merge_round
@@ -124,3 +124,24 @@ def test_a_saved_delta_reads_each_layer_at_its_own_rank(tmp_path):
     torch.testing.assert_close(padded["a.q_proj"].dense(), merged["a.q_proj"].dense())
     with pytest.raises(KeyError):
         view["a.k_proj"]
+
+
+def test_under_bf16_autocast_the_adapter_holds_the_bf16_copy_the_pass_computes_with(qwen3_dir, teachers, tmp_path):
+    """bf16 mixed precision on an nf4 student: the frozen adapter stores the bf16 factors the branch's pass casts
+    to at every step anyway, so training is the same as with fp32 storage, and the exact fp32 factors stay in the
+    round checkpoint only."""
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    two, runs = dict(list(teachers.items())[:2]), {}
+    for stored in (torch.bfloat16, torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=nf4)
+        trainer = quick_trainer(model, two, tmp_path / str(stored), bf16=True, use_cpu=True, num_rounds=3)
+        assert trainer.frozen_delta.adapter_dtype == torch.bfloat16  # what MoTTrainer chose under bf16 autocast
+        trainer.frozen_delta.adapter_dtype = stored  # the fp32 storage MoT used before, for comparison
+        trainer.train()
+        runs[stored] = trainer
+    in_bf16, in_fp32 = runs[torch.bfloat16], runs[torch.float32]
+    assert isinstance(in_bf16.merged, SavedDelta) and not isinstance(in_fp32.merged, SavedDelta)
+    for layer in lora_layers(in_bf16.model).values():
+        assert layer.lora_A[MERGED_ADAPTER].weight.dtype == torch.bfloat16
+    for name, delta in in_fp32.merged.items():  # three rounds trained on each: the same merged student
+        torch.testing.assert_close(in_bf16.merged[name].dense(), delta.dense(), rtol=0, atol=0)

@@ -1,9 +1,10 @@
-"""PEFT glue: fresh branch adapters, reading their deltas, and holding the merged student as a frozen fp32 adapter.
+"""PEFT glue: fresh branch adapters, reading their deltas, and holding the merged student as a frozen adapter.
 
 The student is ``base + D_t`` where the base model stays exactly as loaded (4-bit, 8-bit, bf16 or fp32: never
-re-quantized) and ``D_t`` lives in a frozen LoRA adapter named :data:`MERGED_ADAPTER` whose fp32 factors are the
-recompressed sum of every merged branch (scaling 1: ``lora_alpha == r``). A branch trains a second, fresh adapter
-on top of it. Because the merged state is an ordinary PEFT LoRA adapter, it saves, loads and exports with PEFT.
+re-quantized) and ``D_t`` lives in a frozen LoRA adapter named :data:`MERGED_ADAPTER` whose factors (fp32, or the
+mixed-precision compute dtype) are the recompressed sum of every merged branch (scaling 1: ``lora_alpha == r``).
+A branch trains a second, fresh adapter on top of it. Because the merged state is an ordinary PEFT LoRA adapter, it
+saves, loads and exports with PEFT.
 """
 
 from __future__ import annotations
@@ -254,8 +255,10 @@ def install_merged(
     merged: Mapping[str, LowRankDelta],
     base_model_name_or_path: str | None,
     task_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> PeftModel:
-    """Replace the frozen merged-state adapter with ``merged`` (fp32, whatever the base precision).
+    """Replace the frozen merged-state adapter with ``merged``, its factors in ``dtype`` (fp32 unless a mixed-precision
+    run computes them in bf16 or fp16; frozen.py), whatever the base precision.
 
     A plain model (a resumed run) is wrapped with ``task_type``, the PeftModel class its branches would create.
     """
@@ -275,8 +278,8 @@ def install_merged(
             padded = _padded(delta, config.r)
             layer = layers[name]
             device = layer.get_base_layer().weight.device
-            layer.lora_A[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.A.to(device), requires_grad=False)
-            layer.lora_B[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.B.to(device), requires_grad=False)
+            layer.lora_A[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.A.to(device, dtype), requires_grad=False)
+            layer.lora_B[MERGED_ADAPTER].weight = torch.nn.Parameter(padded.B.to(device, dtype), requires_grad=False)
     activate(model, trainable=None)
     return model
 

@@ -3,9 +3,10 @@
 During a branch, the merged delta ``D_t`` (for persistent branches, the branch's offset ``D_t - P_k``) is frozen.
 ``MoTConfig.frozen_delta`` chooses its home:
 
-- ``"adapter"``: a frozen fp32 LoRA adapter beside the branch (:func:`adapters.install_merged`). Exact on any base
+- ``"adapter"``: a frozen LoRA adapter beside the branch (:func:`adapters.install_merged`). Exact on any base
   (4-bit, 8-bit, bf16: never re-quantized). The branch's forward computes it in the same low-rank pass as the
   branch (fused.py), so a step pays for its rank, which grows by K*r a round with fresh branches, and little else.
+  Its factors are fp32, or under bf16/fp16 mixed precision the autocast dtype the pass computes them in anyway.
 - ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
   cost at all. Each install adds the change since the last one, new minus old factors as one fp32 product
   accumulated into the weights (``addmm_``), so each round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a
@@ -14,8 +15,9 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
 - ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
 
 Either way the merged delta itself stays as exact low-rank factors (``MoTTrainer.merged``): checkpoints, exports and
-``mot merge`` read those, never the weights. With ``"weights"`` nothing needs them between merges, so process 0 reads
-them from the round's checkpoint a layer at a time when asked (``checkpointing.SavedDelta``) instead of holding them.
+``mot merge`` read those, never the weights. Where the home does not hold the fp32 factors themselves (the weights,
+or a bf16/fp16 adapter), process 0 reads them from the round's checkpoint a layer at a time when asked
+(``checkpointing.SavedDelta``) instead of keeping a second copy in memory.
 """
 
 from __future__ import annotations
@@ -56,18 +58,36 @@ def resolve(choice: str, model: PreTrainedModel, module_names: list[str]) -> str
 
 
 class FrozenDelta:
-    """Installs the frozen delta in its home; ``install`` returns the model the branches train on next."""
+    """Installs the frozen delta in its home; ``install`` returns the model the branches train on next.
 
-    def __init__(self, home: str, base_model_name_or_path: str | None, task_type: str | None):
-        self.home = home
+    ``adapter_dtype`` is what the adapter's factors are stored in: fp32, or under bf16/fp16 mixed precision the
+    autocast dtype, the one the branch's pass casts them to at every step anyway (fused.py): the same arithmetic,
+    without the per-step casts and at half the memory, while the exact fp32 factors stay in the round checkpoint.
+    """
+
+    def __init__(
+        self,
+        home: str,
+        base_model_name_or_path: str | None,
+        task_type: str | None,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        self.home, self.adapter_dtype = home, adapter_dtype
         self.base_model_name_or_path, self.task_type = base_model_name_or_path, task_type
         self._in_weights: Mapping[str, LowRankDelta] = {}  # what the weights hold now, on top of the loaded base
+
+    @property
+    def holds_the_fp32_factors(self) -> bool:
+        """Whether the installed delta shares the fp32 factors' memory (an fp32 adapter) rather than copies them."""
+        return self.home == "adapter" and self.adapter_dtype == torch.float32
 
     def install(
         self, model: PreTrainedModel | PeftModel, delta: Mapping[str, LowRankDelta]
     ) -> PreTrainedModel | PeftModel:
         if self.home == "adapter":
-            return adapters.install_merged(model, delta, self.base_model_name_or_path, self.task_type)
+            return adapters.install_merged(
+                model, delta, self.base_model_name_or_path, self.task_type, dtype=self.adapter_dtype
+            )
         model = unwrap(model)
         with torch.no_grad():
             for name in delta.keys() | self._in_weights.keys():

@@ -143,9 +143,12 @@ class MoTTrainer:
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         targets = adapters.check_targets(model, self.peft_config)
         self._layer_dims = adapters.layer_dims(model, targets)
-        # the merged delta's home while branches train: the fp32 weights themselves, or a frozen fp32 adapter
+        # the merged delta's home while branches train: the fp32 weights themselves, or a frozen adapter
         self.frozen_delta = frozen.FrozenDelta(
-            frozen.resolve(self.args.frozen_delta, model, targets), self.base_model_id, self.peft_config.task_type
+            frozen.resolve(self.args.frozen_delta, model, targets),
+            self.base_model_id,
+            self.peft_config.task_type,
+            adapter_dtype=torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32,
         )
         self._quantization = adapters.quantization_summary(model)
 
@@ -447,13 +450,13 @@ class MoTTrainer:
     ) -> Mapping[str, LowRankDelta]:
         """The merged delta after ``round_idx`` as the run keeps it until the next merge (``merged``: just made).
 
-        Where the student's fp32 weights hold the delta (``frozen_delta="weights"``), no adapter needs its factors
-        between merges, so process 0 reads them back from the round's checkpoint, a layer at a time, when the next
-        merge, an install or an export asks: their rank grows by K*r a round (140 MB in fp32 at round 5 of K=4,
-        r=16 on a 70M student), as much as a step's whole excess over plain SFT. Other processes keep theirs in
-        memory (the run folder need not be shared).
+        Unless the frozen adapter's fp32 factors are these very tensors, nothing needs them between merges (the
+        student's fp32 weights hold the delta, or a bf16 adapter a copy), so process 0 reads them back from the
+        round's checkpoint, a layer at a time, when the next merge, an install or an export asks: their rank grows
+        by K*r a round (130 MB in fp32 at round 5 of K=4, r=16 on a 70M student), as much as a step's whole excess
+        over plain SFT. Other processes keep theirs in memory (the run folder need not be shared).
         """
-        if self.frozen_delta.home == "weights" and self.dist.is_main:
+        if not self.frozen_delta.holds_the_fp32_factors and self.dist.is_main:
             return self.run.merged_view(round_idx)
         return merged if merged is not None else self.run.read_merged(round_idx)
 
