@@ -1,5 +1,6 @@
 """benchmarks/perf: overhead.py keeps working and measures what perf.md reports (a tiny run of each mode),
-rank_cost.py times both passes side by side, and cpu_bf16.py keeps the figures of every kind of CPU it ran on."""
+rank_cost.py times both passes side by side, cpu_bf16.py keeps the figures of every kind of CPU it ran on, and
+exact_floor.py counts the layers it states a floor for."""
 
 import json
 import tempfile
@@ -53,3 +54,19 @@ def test_rank_cost_alternates_both_passes_where_a_frozen_adapter_holds_the_delta
         times, model = rank_cost.step_times(model, shapes, AutoTokenizer.from_pretrained(student), lora, rank=8,
                                             steps=2, warmup=1, batch=2, home=FrozenDelta(home, None, "CAUSAL_LM"))
         assert set(times) == passes and all(len(t) == 2 and min(t) > 0 for t in times.values()), precision
+
+
+def test_exact_floor_counts_the_adapted_linears_of_the_70m_student():
+    """By hand for the 70M benchmark student (10 layers; q, o 768x768; k, v 768x256; gate, up, down 768x2048)."""
+    exact_floor = load_benchmark("perf/exact_floor.py")
+    config, _ = exact_floor.STUDENTS["70M Qwen3 (perf benchmark)"]
+    shapes = exact_floor.linear_shapes(config)
+    assert len(shapes) == 70  # the output head is not adapted
+    row = exact_floor.floor(shapes, plain_peak_mb=1000.0)
+    params, edges = 10 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048), 10 * (2 * 1536 + 2 * 1024 + 3 * 2816)
+    assert row["linear_params_M"] == params / 1e6
+    fresh, persistent = row["ranks"]["fresh"], row["ranks"]["persistent"]
+    assert fresh["frozen_rank_last_round"] == 256 and persistent["frozen_rank_last_round"] == 80
+    assert fresh["factors_fp32_MB"] == 4 * 256 * edges / 2**20
+    assert fresh["factors_vs_plain_peak"] == fresh["factors_fp32_MB"] / 1000
+    assert fresh["extra_linear_flops"] == 256 * edges / params

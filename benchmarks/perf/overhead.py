@@ -3,11 +3,13 @@
 Each measurement runs in its own process (peak RSS is per process), plain and MoT alternate, and the report gives
 ratios. Evaluation is off in both. The plain run trains T*K*S steps on the union of the teachers' data; MoT trains
 T rounds x K branches x S steps. Both keep LoRA adapters in fp32 (MoT does so without bf16; the plain run is given
-the same so the step cost is like for like).
+the same so the step cost is like for like). Precisions: fp32, nf4 (compute in fp32) and nf4-bf16 (compute dtype
+bf16 and TRL's bf16 autocast in both runs, as on a GPU; fast on CPUs with AVX512-BF16 only).
 
     python benchmarks/perf/overhead.py                 # 70M Qwen3, batch 8, S=50, fp32 and nf4 (~60 min on 2 cores)
     python benchmarks/perf/overhead.py --quick         # tiny model, for a smoke run
     python benchmarks/perf/overhead.py --precisions nf4 --rounds 5 --teachers 4 --steps 10   # the paper's T and K
+    python benchmarks/perf/overhead.py --precisions fp32,nf4,nf4-bf16 --rounds 5 --teachers 4 --steps 10
 """
 
 from __future__ import annotations
@@ -51,18 +53,19 @@ class StepTimer(TrainerCallback):
 
 
 def load(model_dir: str, precision: str):
-    if precision == "nf4":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if precision.startswith("nf4"):
+        compute = torch.bfloat16 if precision == "nf4-bf16" else torch.float32
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant)
         keep_4bit_layout(model)  # bitsandbytes' CPU repacking breaks training after an eval (quantization.py)
         return model
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def common_args(out: str, steps: int, batch: int) -> dict:
+def common_args(out: str, steps: int, batch: int, bf16: bool = False) -> dict:
     return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
-                bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=10, save_strategy="no",
-                disable_tqdm=True, seed=0, dataloader_pin_memory=False)
+                bf16=bf16, use_cpu=bf16, gradient_checkpointing=False, report_to=[], logging_steps=10,
+                save_strategy="no", disable_tqdm=True, seed=0, dataloader_pin_memory=False)
 
 
 def budget_errors(run_dir: Path, teachers: list[str], rounds: int, max_rank: int) -> list[float]:
@@ -82,17 +85,18 @@ def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int
     model = load(model_dir, precision)
     timer, run_dir = StepTimer(), tempfile.TemporaryDirectory(prefix="mot-perf-")
     out = run_dir.name
+    bf16 = precision.endswith("bf16")  # bf16 autocast (TRL's bf16=True), as on a GPU
     with Timer() as wall:
         if mode == "plain":
-            trainer = SFTTrainer(model, args=SFTConfig(**common_args(out, rounds * teachers * steps, batch)),
+            trainer = SFTTrainer(model, args=SFTConfig(**common_args(out, rounds * teachers * steps, batch, bf16)),
                                  train_dataset=concatenate_datasets(list(data.values())),
                                  peft_config=LoraConfig(**LORA), callbacks=[timer])
-            for p in trainer.model.parameters():  # like for like: MoT keeps fp32 adapters without bf16
-                if p.requires_grad:
+            for p in trainer.model.parameters() if not bf16 else ():  # like for like: MoT keeps fp32 adapters
+                if p.requires_grad:  # without bf16 (and TRL's own choice with it)
                     p.data = p.data.float()
             trainer.train()
         else:
-            trainer = MoTTrainer(model, args=MoTConfig(num_rounds=rounds, **common_args(out, steps, batch)),
+            trainer = MoTTrainer(model, args=MoTConfig(num_rounds=rounds, **common_args(out, steps, batch, bf16)),
                                  teachers=data, peft_config=LoraConfig(**LORA), callbacks=[timer])
             trainer.train()
     step_seconds = [s for _, s in timer.steps]
