@@ -124,6 +124,10 @@ def test_a_saved_delta_reads_each_layer_at_its_own_rank(tmp_path):
     torch.testing.assert_close(padded["a.q_proj"].dense(), merged["a.q_proj"].dense())
     with pytest.raises(KeyError):
         view["a.k_proj"]
+    other = {"a.q_proj": LowRankDelta(torch.randn(8, 7), torch.randn(7, 5))}
+    save_merged(other, tmp_path, None)  # the checkpoint overwritten by another delta
+    with pytest.raises(RuntimeError, match="changed after this run saved it"):
+        view["a.q_proj"]
 
 
 def test_under_bf16_autocast_the_adapter_holds_the_bf16_copy_the_pass_computes_with(qwen3_dir, teachers, tmp_path):

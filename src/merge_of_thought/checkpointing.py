@@ -153,11 +153,13 @@ class SavedDelta(Mapping[str, LowRankDelta]):
     """A merged delta that stays in its round checkpoint (``round-t/merged``) and is read one layer at a time.
 
     The saved adapter pads every layer to one rank with zeros; ``ranks`` (from ``round.json``) gives each layer's own.
-    Layers are copied out of the file, so nothing stays mapped between reads.
+    Layers are copied out of the file, so nothing stays mapped between reads. The file must stay as it was when the
+    view was made (a run's own checkpoint does): a read after it changed raises instead of returning another delta.
     """
 
     def __init__(self, folder: Path, ranks: Mapping[str, int] | None = None):
         self.path = folder / ADAPTER_WEIGHTS
+        self._identity = self._file_identity()
         with safe_open(self.path, framework="pt") as file:
             keys = [key for key in file.keys() if key.endswith(".lora_A.weight")]
         names = [key[len(PEFT_KEY_PREFIX) : -len(".lora_A.weight")] for key in keys]
@@ -169,10 +171,16 @@ class SavedDelta(Mapping[str, LowRankDelta]):
         if name not in self._ranks:
             raise KeyError(name)
         rank = self._ranks[name]
+        if self._file_identity() != self._identity:
+            raise RuntimeError(f"{self.path} changed after this run saved it; the merged delta it held is gone.")
         with safe_open(self.path, framework="pt") as file:
             A = file.get_tensor(f"{PEFT_KEY_PREFIX}{name}.lora_A.weight")[:rank].float().clone()
             B = file.get_tensor(f"{PEFT_KEY_PREFIX}{name}.lora_B.weight")[:, :rank].float() * self._scaling[name]
         return LowRankDelta(B.contiguous(), A.contiguous())
+
+    def _file_identity(self) -> tuple[int, int, int]:
+        stat = self.path.stat()
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def __contains__(self, name: object) -> bool:
         return name in self._ranks  # without reading the layer (Mapping's default would)

@@ -84,11 +84,13 @@ class MoTConfig(SFTConfig):
             stays at rank K*r (branches.py). The per-round learning-rate schedule still restarts.
         frozen_delta (`str`, defaults to `"auto"`): where the merged delta lives while branches train (frozen.py).
             `"weights"` adds it into the base weights, which must be fp32 `nn.Linear` weights: no cost per step
-            (fp32 rounding adds ~6e-8 of |W| a round). `"adapter"` keeps it in a frozen fp32 LoRA adapter beside
-            the branch: exact on 4-bit, 8-bit and bf16 bases too; the branch computes it in its own low-rank pass
-            (fused.py), so each step pays for its rank, which grows with the rounds. `"auto"`: `"weights"` for an
-            fp32 student, else `"adapter"`. Either way the merged delta is kept as exact low-rank factors for
-            checkpoints and exports.
+            (fp32 rounding adds ~6e-8 of |W| a round). `"adapter"` keeps it in a frozen LoRA adapter beside the
+            branch: exact on 4-bit, 8-bit and bf16 bases too; the branch computes it in its own low-rank pass
+            (fused.py), so each step pays for its rank, which grows with the rounds. The adapter holds fp32
+            factors, or under bf16/fp16 mixed precision the autocast-dtype copy the step would cast them to anyway
+            (same arithmetic, half the memory). `"auto"`: `"weights"` for an fp32 student, else `"adapter"`. Either
+            way the exact fp32 low-rank factors are kept for checkpoints and exports (in memory, or in the round
+            checkpoint, read one layer at a time).
         shared_branch_init (`bool`, defaults to `False`): start every branch of a round from the same random LoRA
             ``A`` (the data order still differs per branch). Branches with independent inits learn in different
             random subspaces, so their average keeps only part of each; see benchmarks/quality/README.md.
