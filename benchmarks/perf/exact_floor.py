@@ -32,7 +32,7 @@ STUDENTS = {  # name: (config, where a plain run's peak memory was measured: per
                                    "overhead_nf4_paper"),
     "SmolLM2-135M (real student)": (LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                                tie_word_embeddings=True), None),
+                                                tie_word_embeddings=True), "overhead_nf4_paper_smollm2"),
     "Qwen3-8B (GPU fit)": (Qwen3Config(**QWEN3_8B), None),
 }
 
