@@ -1,4 +1,5 @@
-"""Python's garbage collector during a MoT run: collect the objects a branch leaves, not the whole process each time.
+"""Memory a MoT run frees between branches: collect the objects a branch leaves (not the whole process each time),
+and hand the host memory they held back to the operating system.
 
 Every SFTTrainer branch starts with accelerate's ``free_memory()``, a full ``gc.collect()``. A plain SFT run pays it
 once; MoT pays it T*K times, and with transformers, TRL and datasets imported a full collection walks ~500k objects:
@@ -6,12 +7,22 @@ once; MoT pays it T*K times, and with transformers, TRL and datasets imported a 
 libraries, the model, the datasets) outlive every branch, so the run moves them to the collector's permanent
 generation (``gc.freeze``) after one collection and back when it ends. Whatever a branch leaves (its trainer,
 optimizer, dataloaders) is newer and is still collected at the next branch's start.
+
+glibc keeps most memory a process frees for reuse, and a branch's activations, a merge's float64 temporaries and
+the frozen adapter re-made each round at a larger rank leave holes that the next allocation does not fit, so a
+run's resident memory ratchets up over its T*K branches where one SFT run of the same steps does not (a 70M nf4
+student with bf16 autocast at T=5, K=4: peak RSS 1.21x the plain run's, 1.12x with the freed memory returned;
+benchmarks/perf). ``release_freed_memory`` returns it once per branch and per merge, a few milliseconds each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
+import platform
 from collections.abc import Iterator
 
 
@@ -27,3 +38,19 @@ def collect_new_objects_only() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_freed_memory() -> None:
+    """Collect unreachable new objects, then ask glibc to return the free parts of its heaps to the OS
+    (``malloc_trim``); elsewhere only the collection."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
