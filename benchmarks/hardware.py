@@ -71,12 +71,11 @@ def keep_freed_memory() -> None:
     AVX512-BF16 a SmolLM2 nf4 step (batch 8 x 128 tokens) took 6.5 s that way and 5.3 s with this, and on an Intel
     Xeon a MoT run's fp32 SmolLM2 steps after its larger merges stopped spiking to 2-3 s (perf.json). Timing only:
     the arithmetic, and so every result, is unchanged."""
-    import ctypes
-    import ctypes.util
+    from merge_of_thought.collection import glibc
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
     mmap_max, trim_threshold, top_pad = -4, -1, -2  # glibc's mallopt parameters (malloc.h)
     libc.mallopt(mmap_max, 0)
     libc.mallopt(trim_threshold, 2**31 - 1)

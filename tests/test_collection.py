@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import weakref
 
 import pytest
 
-from merge_of_thought.collection import collect_new_objects_only, release_freed_memory
+from merge_of_thought.collection import collect_new_objects_only, glibc, release_freed_memory
 
 
 class Node:
@@ -48,9 +47,7 @@ def _resident_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's"
-)
+@pytest.mark.skipif(glibc() is None, reason="malloc_trim is glibc's")
 def test_release_freed_memory_returns_a_fragmented_heap_to_the_os():
     # 64 KiB blocks come from the heap (below glibc's mmap threshold); the last one stays alive and pins the top of
     # the heap, so freeing the others leaves ~128 MB of holes that glibc keeps unless asked to give them back.

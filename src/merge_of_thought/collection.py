@@ -41,7 +41,8 @@ def collect_new_objects_only() -> Iterator[None]:
 
 
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (whose allocator ``mallopt`` and ``malloc_trim`` tune), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     return ctypes.CDLL(ctypes.util.find_library("c"))
@@ -51,6 +52,6 @@ def release_freed_memory() -> None:
     """Collect unreachable new objects, then ask glibc to return the free parts of its heaps to the OS
     (``malloc_trim``); elsewhere only the collection."""
     gc.collect()
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
