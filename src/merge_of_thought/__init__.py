@@ -23,7 +23,7 @@ _PUBLIC = {
     "MoTCallback": "callbacks",
     "MoTConfig": "mot_config",
     "MoTTrainer": "mot_trainer",
-    "load_teachers": "data",
+    "load_teachers": "sources",
     "merge_round": "merging",
     "STUDENTS": "students",
     "smollm2_135m": "students",
@@ -45,7 +45,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .callbacks import MoTCallback
-    from .data import load_teachers
+    from .sources import load_teachers
     from .merging import LowRankDelta, merge_round
     from .mot_config import MoTConfig
     from .mot_trainer import MoTTrainer

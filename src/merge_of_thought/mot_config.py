@@ -103,6 +103,11 @@ class MoTConfig(SFTConfig):
             keeps the merged rank (and the cost of the frozen adapter in every later step) as small as the data
             allow while staying 10x inside the 1e-3 fidelity bound. 0 keeps every non-zero direction.
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
+        max_truncated_fraction (`float`, defaults to `0.05`): the largest share of a teacher's traces that
+            `max_length` may cut. Before the model loads, every teacher's token lengths under the student's tokenizer
+            are reported against `max_length` (TRL's default of 1024 cuts long chain of thought silently); a run
+            that would cut more than this share of one teacher's traces is refused with the lengths that keep 95%
+            and 100% of them. 1.0 allows any cut.
         save_branch_adapters (`bool`, defaults to `True`): keep each branch's adapter in its round folder so the
             merge can be recomputed from disk. (They are always written, as checkpoints; with `False` a round's
             branch adapters are deleted once the round is merged.)
@@ -168,6 +173,11 @@ class MoTConfig(SFTConfig):
     allow_single_teacher: bool = field(
         default=False, metadata={"help": "Allow a run with one teacher (SFT with periodic restarts)."}
     )
+    max_truncated_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Largest share of a teacher's traces max_length may cut; more is refused before the model "
+                  "loads, with the lengths that keep 95 and 100 percent (1.0 allows any cut)."},
+    )
     save_branch_adapters: bool = field(
         default=True, metadata={"help": "Save every branch adapter in PEFT format in its round folder."}
     )
@@ -223,6 +233,8 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"merge_step_size must be a positive number, got {self.merge_step_size}.")
         if self.merge_max_rank is not None and self.merge_max_rank < 1:
             raise ValueError(f"merge_max_rank must be at least 1 or unset, got {self.merge_max_rank}.")
+        if not 0 <= self.max_truncated_fraction <= 1:
+            raise ValueError(f"max_truncated_fraction must be in [0, 1], got {self.max_truncated_fraction}.")
         if not 0 <= self.merge_tolerance <= 1e-3:
             raise ValueError(
                 f"merge_tolerance must be in [0, 1e-3] (the merge fidelity bound), got {self.merge_tolerance}; use "

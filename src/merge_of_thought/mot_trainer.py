@@ -41,7 +41,7 @@ from . import adapters, branches, collection, distributed, frozen, quantization,
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
-from .data import check_chat_format, normalized_weights, validate_teachers
+from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
@@ -132,6 +132,8 @@ class MoTTrainer:
         check_chat_format(
             teachers, processing_class, self.args.assistant_only_loss, self.args.chat_template_path, formatting_func
         )
+        # every row checked, reasoning rendered as the chat template expects, lengths reported against max_length
+        teachers, self.length_stats = prepare_teachers(teachers, processing_class, self.args, formatting_func)
         if isinstance(model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:

@@ -25,18 +25,10 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 from trl.scripts.utils import DatasetConfig
 
 from ..checkpointing import RunFolder, resume_target
-from ..data import load_spec, load_teachers, teacher_name
+from ..sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers, teacher_name
 from ..hub import is_local_path
 from ..mot_config import MoTConfig
 from .console import VERBOSE_FLAG, run_command
-
-
-@dataclass
-class TeacherConfig(DatasetConfig):
-    """One teacher: a data set spec as in TRL's ``datasets:`` plus the teacher's name and merge weight."""
-
-    teacher: str | None = None
-    weight: float | None = None
 
 
 @dataclass
@@ -48,7 +40,9 @@ class MoTScriptArguments(ScriptArguments):
         default_factory=list, metadata={"help": "Teacher data sets (YAML list of path/name/data_files/split/...)."}
     )
     eval_dataset: dict | None = field(
-        default=None, metadata={"help": "Held-out data set spec (same keys as a teacher) for per-round evaluation."}
+        default=None,
+        metadata={"help": "Held-out problems for per-round evaluation: a data set spec (path, split, ...) with "
+                  "prompt_column and answer_column when its columns are not 'prompt' and 'answer'."},
     )
     datasets: list[Any] | None = field(
         default=None, metadata={"help": "Not used by MoT (TRL's data mixture): list the data sets under teachers:."}
@@ -69,6 +63,11 @@ class MoTScriptArguments(ScriptArguments):
         default=False,
         metadata={"help": "Continue the run in output_dir after its last completed branch (same configuration)."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load the data, run every check and print the trace-length report, then stop before the "
+                  "model loads (to choose max_length)."},
+    )
 
     def __post_init__(self):
         if self.datasets or self.dataset_name:
@@ -84,6 +83,16 @@ class MoTScriptArguments(ScriptArguments):
         names = [t.teacher for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}: set 'teacher:' in each entry.")
+
+
+def as_eval_config(entry: Any) -> EvalSetConfig:
+    """The ``eval_dataset:`` entry as an EvalSetConfig; a wrong key is named with the valid keys."""
+    valid = [f.name for f in fields(EvalSetConfig) if f.init]
+    unknown = [key for key in entry if key not in valid]
+    if unknown:
+        named = ", ".join(f"{key!r}{did_you_mean(key, valid)}" for key in unknown)
+        raise ValueError(f"eval_dataset: unknown key {named}. It takes: {', '.join(valid)}.")
+    return EvalSetConfig(**entry)
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -108,6 +117,11 @@ def as_teacher_config(entry: Any, index: int) -> TeacherConfig:
         raise ValueError(
             f"{label}: 'path' is required: a Hub data set id, a local folder, or a loader such as 'json' with "
             "data_files."
+        )
+    if entry.get("split_by") and entry.get("weight") is not None:
+        raise ValueError(
+            f"{label}: 'weight' with 'split_by' would give every teacher it makes the same weight; name them in "
+            "teacher_weights: {{name: weight, ...}} instead (the names are the values of the split_by column)."
         )
     return TeacherConfig(**entry)
 
@@ -198,7 +212,9 @@ def train(argv: list[str]) -> int:
         # a one-item YAML list or flag arrives as a bare string, which PEFT would read as a regex on full names
         model_args.lora_target_modules = [model_args.lora_target_modules]
     peft_config = get_peft_config(model_args) or LoraConfig(**DEFAULT_LORA)
-    eval_dataset = load_spec(DatasetConfig(**script_args.eval_dataset)) if script_args.eval_dataset else None
+    eval_dataset = load_eval_set(as_eval_config(script_args.eval_dataset)) if script_args.eval_dataset else None
+    if script_args.dry_run:
+        return dry_run(model_args.model_name_or_path, teachers, training_args, eval_dataset)
     trainer = MoTTrainer(
         model_args.model_name_or_path,
         args=training_args,
@@ -213,6 +229,24 @@ def train(argv: list[str]) -> int:
     what = f"The {script_args.baseline.upper()} baseline" if script_args.baseline else "MoT"
     trainer.accelerator.print(f"{what} finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
     trainer.end()
+    return 0
+
+
+def dry_run(model_name_or_path: str, teachers: dict, args: MoTConfig, eval_dataset: Any) -> int:
+    """``--dry_run``: the checks a run makes before its model loads, and the length report, with no model."""
+    from transformers import AutoTokenizer
+
+    from ..data import normalized_weights, prepare_teachers, validate_teachers
+
+    validate_teachers(teachers, args.dataset_text_field, allow_single_teacher=args.allow_single_teacher)
+    normalized_weights(list(teachers), args.teacher_weights)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=args.trust_remote_code)
+    prepared, _ = prepare_teachers(teachers, tokenizer, args)  # logs the length report, refuses a large cut
+    rows = ", ".join(f"{name} ({len(dataset)} rows)" for name, dataset in prepared.items())
+    held_out = f"; held-out problems: {len(eval_dataset)}" if eval_dataset is not None else ""
+    print(f"Dry run: the data passed every check. Teachers: {rows}{held_out}. {args.num_rounds} rounds x "
+          f"{len(prepared)} teachers x {args.max_steps} steps = {args.num_rounds * len(prepared) * args.max_steps} "
+          "SFT steps; no model was loaded.")
     return 0
 
 
