@@ -10,15 +10,11 @@ states another default than the field, or this page is out of date.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
-
-_ENTRY = re.compile(r"^ {8}(\w+) \((`[^)]+?`)(?:, (?:\*optional\*|defaults to `([^`]*)`))?\): ?(.*)$")
-_GROUP = re.compile(r"^ {4}(\S.*):$")
 
 INTRO = """# Configuration reference
 
@@ -32,20 +28,6 @@ from its docstring); `tests/test_config_reference.py` keeps it in step.
 """
 
 
-def docstring_entries(cls: type) -> list[tuple[str, str, str, str | None, str]]:
-    """``(group, name, type, stated default, text)`` for every parameter the class docstring documents."""
-    entries, group = [], ""
-    for line in (cls.__doc__ or "").splitlines():
-        if match := _GROUP.match(line):
-            group = match.group(1)
-        elif match := _ENTRY.match(line):
-            name, kind, default, text = match.groups()
-            entries.append([group, name, kind.replace("`", ""), default, text])
-        elif entries and line.startswith(" " * 12):
-            entries[-1][4] += " " + line.strip()
-    return [tuple(entry) for entry in entries]
-
-
 def field_default(cls: type, name: str) -> str:
     """A field's default as the docstring writes it (``5``, ``"fresh"``, ``None``)."""
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
@@ -53,19 +35,11 @@ def field_default(cls: type, name: str) -> str:
     return repr(value).replace("'", '"')
 
 
-def mot_fields(cls: type) -> list[str]:
-    """The fields MoT adds to SFTConfig, and the SFTConfig fields whose defaults it changes."""
-    from trl import SFTConfig
-
-    base = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    return [f.name for f in dataclasses.fields(cls) if f.name not in base or f.default != base[f.name].default]
-
-
 def render() -> str:
-    from merge_of_thought import MoTConfig
+    from merge_of_thought.mot_config import MoTConfig, documented_settings
 
     lines, current = [INTRO], None
-    for group, name, kind, _, text in docstring_entries(MoTConfig):
+    for group, name, kind, _, text in documented_settings(MoTConfig):
         if group != current:
             current = group
             lines += [f"\n## {group}\n", "| setting | type | default | what it does |", "| --- | --- | --- | --- |"]

@@ -271,3 +271,17 @@ def test_the_bitsandbytes_kernels_notice_alone_is_dropped(caplog):
                        "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
         logger.warning("some other bitsandbytes warning")
     assert "kernels-community" not in caplog.text and "some other bitsandbytes warning" in caplog.text
+
+
+def test_train_help_leads_with_mot_settings_and_help_all_lists_everything(capsys):
+    from merge_of_thought.mot_config import mot_settings
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) < 150 and "--learning_rate" not in short and "--help_all" in short
+    assert all(f"--{name} " in short for name in mot_settings()), [n for n in mot_settings() if f"--{n} " not in short]
+    assert "--dry_run" in short and "--verbose" in short and "docs/configuration.md" in short
+    with pytest.raises(SystemExit):
+        main(["train", "--help_all"])
+    assert "--learning_rate" in capsys.readouterr().out

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from merge_of_thought import MoTConfig
+from merge_of_thought.mot_config import MoTConfig, documented_settings, mot_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
-from make_config_reference import PAGE, docstring_entries, field_default, mot_fields, render  # noqa: E402
+from make_config_reference import PAGE, field_default, render  # noqa: E402
 
 
 def _same(stated: str, actual: str) -> bool:
@@ -19,8 +19,8 @@ def _same(stated: str, actual: str) -> bool:
 
 
 def test_every_mot_setting_is_documented_with_its_default():
-    documented = {name: default for _, name, _, default, _ in docstring_entries(MoTConfig)}
-    missing = [name for name in mot_fields(MoTConfig) if name not in documented]
+    documented = {name: default for _, name, _, default, _ in documented_settings(MoTConfig)}
+    missing = [name for name in mot_settings(MoTConfig) if name not in documented]
     assert not missing, f"MoTConfig fields without an entry in its docstring: {missing}"
     wrong = {name: (stated, field_default(MoTConfig, name)) for name, stated in documented.items()
              if stated is not None and not _same(stated, field_default(MoTConfig, name))}  # fmt: skip

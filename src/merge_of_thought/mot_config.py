@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,6 +19,32 @@ from .frozen import FROZEN_DELTA
 from .weighting import TEACHER_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
+
+
+_DOC_ENTRY = re.compile(r"^ {8}(\w+) \((`[^)]+?`)(?:, (?:\*optional\*|defaults to `([^`]*)`))?\): ?(.*)$")
+_DOC_GROUP = re.compile(r"^ {4}(\S.*):$")
+
+
+def documented_settings(cls: type | None = None) -> list[tuple[str, str, str, str | None, str]]:
+    """``(group, name, type, stated default, text)`` for every parameter ``MoTConfig``'s docstring documents: the
+    source of docs/configuration.md and of ``mot train --help``."""
+    entries, group = [], ""
+    for line in ((cls or MoTConfig).__doc__ or "").splitlines():
+        if match := _DOC_GROUP.match(line):
+            group = match.group(1)
+        elif match := _DOC_ENTRY.match(line):
+            name, kind, default, text = match.groups()
+            entries.append([group, name, kind.replace("`", ""), default, text])
+        elif entries and line.startswith(" " * 12):
+            entries[-1][4] += " " + line.strip()
+    return [tuple(entry) for entry in entries]
+
+
+def mot_settings(cls: type | None = None) -> list[str]:
+    """The fields MoT adds to SFTConfig, and the SFTConfig fields whose defaults it changes."""
+    base = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    return [f.name for f in dataclasses.fields(cls or MoTConfig)
+            if f.name not in base or f.default != base[f.name].default]  # fmt: skip
 
 
 def _has_accelerator() -> bool:

@@ -15,8 +15,10 @@ config's keys, the teachers' data, the output folder, the chat template) run bef
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import shlex
+import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -126,9 +128,45 @@ def as_teacher_config(entry: Any, index: int) -> TeacherConfig:
     return TeacherConfig(**entry)
 
 
+SFT_CONFIG_DOCS = "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig"
+RUN_KEYS = ("teachers", "eval_dataset", "resume", "dry_run", "baseline", "baseline_teacher", "baseline_steps")
+
+
 class MoTParser(TrlParser):
     """TRL's parser, with unknown keys (in the YAML or on the command line) named before anything is built, each
-    with the closest valid key."""
+    with the closest valid key, and a ``--help`` that leads with MoT's own settings (``--help_all``: every option)."""
+
+    full_help = False
+
+    def format_help(self) -> str:
+        return super().format_help() if self.full_help else self.short_help()
+
+    def short_help(self) -> str:
+        """The run's keys and MoT's settings, grouped as in docs/configuration.md, then where SFT's are documented."""
+        from ..mot_config import documented_settings, mot_settings
+
+        actions = {action.dest: action for action in self._actions}
+        summary = (__doc__ or "").strip().split("\n\n")[0].replace("\n", " ").replace("``", "`")
+        lines = [f"usage: {self.prog} --config cfg.yaml [--KEY VALUE ...]", "", summary, "", "The run:",
+                 _option("config FILE", "The YAML: keys of TRL's ScriptArguments, ModelConfig, SFTConfig and MoT's "
+                         "(flags override it).")]  # fmt: skip
+        lines += [_option(key, actions[key].help) for key in RUN_KEYS]
+        lines += [_option(VERBOSE_FLAG.removeprefix("--"), "On an error, print the full traceback as well.")]
+        mine, group = set(mot_settings()), None
+        defaults = {f.name: f.default for f in fields(MoTConfig)}
+        for heading, name, kind, _, _ in documented_settings():
+            if name in mine and name in actions:
+                if heading != group:
+                    group = heading
+                    lines += ["", f"{heading.replace('``', '`')}:"]
+                lines.append(_option(f"{name} {kind.upper().replace(' ', '')}", f"{actions[name].help} "
+                                     f"(default: {defaults[name]})"))  # fmt: skip
+        lines += ["", textwrap.fill(
+            "Every MoT setting, with when to change it: docs/configuration.md. SFT and model settings: every key of "
+            "TRL's SFTConfig (learning_rate, max_length, per_device_train_batch_size, bf16, ...) and ModelConfig "
+            "(model_name_or_path, load_in_4bit, lora_r, ...) keeps its meaning inside each branch; see "
+            f"{SFT_CONFIG_DOCS}. `{self.prog} --help_all` lists every option.", width=120)]
+        return "\n".join(lines) + "\n"
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         known = {action.dest for action in self._actions}
@@ -164,9 +202,27 @@ def hub_dataset_id(spec: DatasetConfig) -> str | None:
     return spec.path
 
 
+def _option(name: str, text: str | None) -> str:
+    """One option of the short help: its flag, then its text wrapped under it."""
+    body = textwrap.fill(text or "", width=116, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return f"  --{name}\n{body}"
+
+
+class _FullHelp(argparse.Action):
+    """``--help_all``: TRL's full help, every SFTConfig and ModelConfig option included."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.full_help = True
+        parser.print_help()
+        parser.exit()
+
+
 def make_parser(prog: str | None = "mot train") -> TrlParser:
     epilog = f"{VERBOSE_FLAG}: on an error, print the full traceback as well as the one-line message."
-    return MoTParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
+    parser = MoTParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
+    parser.add_argument("--help_all", action=_FullHelp, nargs=0, default=argparse.SUPPRESS,
+                        help="Show every option (TRL's SFTConfig and ModelConfig included) and exit.")  # fmt: skip
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
