@@ -17,6 +17,7 @@ def held_out():
 
 
 def run(qwen3_dir, tokenizer, folder, teachers, **config) -> MoTTrainer:
+    config = {"eval_branches": "all", **config}  # a branch's generation accuracy too (the default is its loss)
     args = quick_config(folder, num_rounds=1, max_steps=3, eval_accuracy_samples=2, eval_max_new_tokens=4,
                         per_device_eval_batch_size=2, **config)  # fmt: skip
     trainer = MoTTrainer(qwen3_dir, args=args, teachers=teachers, processing_class=tokenizer,

@@ -77,7 +77,7 @@ def test_hooks_callbacks_tensorboard_and_round_accuracy(qwen3_dir, tokenizer, tm
     )
     rounds = trainer.train()
 
-    metrics = "['eval_accuracy', 'eval_loss']"
+    metrics = "['eval_accuracy', 'eval_loss', 'eval_skipped']"
     assert recorder.events == [
         "train_begin", f"evaluate 0 {metrics}",
         "round_begin 1", "branch_begin 1 a", "branch_end 1 a", "branch_begin 1 b", "branch_end 1 b",
@@ -86,7 +86,7 @@ def test_hooks_callbacks_tensorboard_and_round_accuracy(qwen3_dir, tokenizer, tm
     assert counter.run_names == ["round1/a", "round1/b"]  # the TrainerCallback reached every branch's trainer
     assert len(rounds) == 1 and 0 <= rounds[0]["eval_accuracy"] <= 1 and len(trainer.last_eval_records) == 3
     round0 = trainer.metrics.read()[0]
-    assert round0["round"] == 0 and set(round0) == {"type", "round", "eval_loss", "eval_accuracy"}
+    assert round0["round"] == 0 and set(round0) == {"type", "round", "eval_loss", "eval_accuracy", "eval_skipped"}
 
     runs = tmp_path / "runs"
     for teacher in ("a", "b"):  # each branch's curve in its own folder, not overwritten by the next branch

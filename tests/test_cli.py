@@ -117,7 +117,7 @@ def test_qwen3_8b_example_config_parses():
     assert yaml.safe_load((EXAMPLES / "configs" / "qwen3_8b_4teachers.yaml").read_text())["bf16"] is True
 
 
-def test_tiny_example_config_runs_without_library_noise(tmp_path, monkeypatch, caplog):
+def test_tiny_example_config_runs_without_library_noise(tmp_path, monkeypatch, caplog, capsys):
     spec = importlib.util.spec_from_file_location("make_tiny_assets", EXAMPLES / "make_tiny_assets.py")
     assets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(assets)
@@ -138,6 +138,15 @@ def test_tiny_example_config_runs_without_library_noise(tmp_path, monkeypatch, c
     assert not (out / "eval").exists()  # the per-round evaluation writes no folder
     rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1] and all("eval_accuracy" in r and "eval_loss" in r for r in rounds)
+    assert [len((out / f"round-00{r}" / "eval.jsonl").read_text().splitlines()) for r in (0, 1)] == [2, 2]
+    # the run ends with its rounds as a table, read from metrics.jsonl
+    printed = capsys.readouterr().out.splitlines()
+    header = printed.index("  round  eval loss  accuracy  skipped  merge rank  merge s")
+    start, merged = printed[header + 1].split(), printed[header + 2].split()
+    assert start[0] == "0" and start[4:] == ["-", "-"] and float(start[1]) == pytest.approx(rounds[0]["eval_loss"],
+                                                                                         abs=1e-4)  # fmt: skip
+    assert merged[0] == "1" and float(merged[2]) == pytest.approx(rounds[1]["eval_accuracy"], abs=1e-3)
+    assert int(merged[4]) == rounds[1]["merge_rank"]
     assert json.loads((out / "mot_run.json").read_text())["teachers"] == ["left-to-right", "commuted", "verbal"]
     assert (out / "adapter_model.safetensors").exists()  # the student, written by save_model
     assert list((out / "runs" / "round-001" / "verbal").glob("events.out.tfevents.*"))

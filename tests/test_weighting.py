@@ -35,7 +35,7 @@ def test_round_weights():
     [
         (dict(teacher_weighting="best"), "teacher_weighting must be one of"),
         (dict(teacher_weighting="eval_accuracy"), "needs eval_accuracy_samples > 0"),
-        (dict(teacher_weighting="eval_accuracy", eval_accuracy_samples=4, eval_branches=False), "eval_branches=True"),
+        (dict(teacher_weighting="eval_accuracy", eval_accuracy_samples=4, eval_branches="loss"), "eval_branches='all'"),
         (dict(teacher_weighting="eval_accuracy", eval_accuracy_samples=4, teacher_weights={"a": 0.5, "b": 0.5}),
          "teacher_weights unset"),
     ],

@@ -187,7 +187,8 @@ def score(model, tokenizer, held, references, setting: Setting) -> dict:
 
     prompts, answers = prompts_and_answers(held, len(held), None)
     result = generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
-                                 max_new_tokens=setting.max_new_tokens, disable_tqdm=True)  # fmt: skip
+                                 max_new_tokens=setting.max_new_tokens, answer_match="numeric",
+                                 disable_tqdm=True)  # fmt: skip
     return {"accuracy": result.accuracy,
             "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS[: len(references)], references),
             "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
@@ -217,8 +218,8 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     validation = (teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
                   if weighted else None)  # fmt: skip
     scoring = dict(eval_accuracy_samples=setting.validation, eval_max_new_tokens=setting.max_new_tokens,
-                   per_device_eval_batch_size=setting.validation, teacher_weighting="eval_accuracy"
-                   ) if weighted else {}  # fmt: skip
+                   per_device_eval_batch_size=setting.validation, teacher_weighting="eval_accuracy",
+                   answer_match="numeric") if weighted else {}  # fmt: skip
     args = MoTConfig(
         output_dir=run_dir.name, num_rounds=setting.rounds, max_steps=setting.steps_per_round,
         learning_rate=setting.learning_rate, lr_scheduler_type="constant",

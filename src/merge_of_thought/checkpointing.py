@@ -4,11 +4,15 @@
 output_dir/
   mot_run.json                 base model, teachers, weights, LoRA settings, completed rounds
   metrics.jsonl                one line per branch and per round
+  round-000/
+    eval.jsonl                 the starting student's eval generations, one line per sample (with eval accuracy)
   round-001/
     round.json                 the round's teachers, weights, start state, merge report
     branch-<teacher>/          that branch's LoRA adapter (PEFT format), trained on top of the start state, and
                                mot_branch.json, its metrics line (losses, its own eval scores)
     merged/                    the cumulative merged delta after this round: a PEFT LoRA adapter on the base model
+    eval.jsonl                 the merged student's eval generations: prompt, completion, extracted answer, gold,
+                               correct (null: gold not parseable), sample index
   round-002/ ...
 ```
 
@@ -16,11 +20,11 @@ The start state of round t is ``round-(t-1)/merged`` (round 1 starts from the ba
 ``round-t/merged == start + sum_k w_k * branch_k`` can be recomputed from disk, and the final student is
 ``PeftModel.from_pretrained(base_model, "round-T/merged")``.
 
-Crash safety: every folder and JSON file is written under a temporary name and renamed into place
-(:func:`atomic_dir`, :func:`write_json_atomic`), so what exists under its final name is complete. A branch is done
-once ``branch-<teacher>/`` exists (or ``dropped-<teacher>.json``, when a diverged branch was left out); a round is
-done once ``round.json`` exists, which is written after ``merged/``. :meth:`RunFolder.resume_point` reads exactly
-that back.
+Crash safety: every folder and file is written under a temporary name and renamed into place (:func:`atomic_dir`,
+:func:`write_json_atomic`, :func:`write_text_atomic`), so what exists under its final name is complete. A branch
+is done once ``branch-<teacher>/`` exists (or ``dropped-<teacher>.json``, when a diverged branch was left out); a
+round is done once ``round.json`` exists, which is written after ``merged/``. :meth:`RunFolder.resume_point` reads
+exactly that back.
 """
 
 from __future__ import annotations
@@ -131,11 +135,16 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, sync it and rename it into place: a reader never sees half a file."""
     with writing(path.name, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}{_TEMP_MARK}") as f:
             try:
-                json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             except BaseException:

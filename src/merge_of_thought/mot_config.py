@@ -15,10 +15,13 @@ from trl import SFTConfig
 
 from . import distributed
 from .branches import BRANCH_STATES
+from .evaluation import ANSWER_MATCHES
 from .frozen import FROZEN_DELTA
 from .weighting import TEACHER_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
+
+EVAL_BRANCHES = ("none", "loss", "all")
 
 
 _DOC_ENTRY = re.compile(r"^ {8}(\w+) \((`[^)]+?`)(?:, (?:\*optional\*|defaults to `([^`]*)`))?\): ?(.*)$")
@@ -98,9 +101,9 @@ class MoTConfig(SFTConfig):
             (weighting.py). `"fixed"` (the paper): `teacher_weights` every round. `"eval_accuracy"`: proportional to
             each branch's own greedy accuracy on `eval_dataset` that round (uniform when all score 0), so a teacher
             whose traces the student does not learn gets little of the average. It needs an `eval_dataset` with
-            answers, `eval_accuracy_samples > 0` and `eval_branches=True`, and `teacher_weights` unset; use held-out
-            problems that are not your test set. Every round's weights go to metrics.jsonl, `round.json` and the
-            model card.
+            answers, `eval_accuracy_samples > 0`, `eval_branches="all"` (its default then) and `teacher_weights`
+            unset; use held-out problems that are not your test set. Every round's weights go to metrics.jsonl,
+            `round.json` and the model card.
         merge_step_size (`float`, defaults to `1.0`): outer step size: each round adds
             ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
             extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
@@ -146,18 +149,34 @@ class MoTConfig(SFTConfig):
         overwrite_output_dir (`bool`, defaults to `False`): let a new run (not a resume) replace a MoT run already
             in `output_dir`. Without it such a folder is refused, so two runs are never mixed.
 
-    Per-round evaluation of the merged student (on the trainer's ``eval_dataset``; its loss is always measured):
-        eval_accuracy_samples (`int`, defaults to `0`): score this many eval rows by greedy generation after every
-            round and before the first (0: off). Columns read: see `evaluation.prompts_and_answers`.
+    Per-round evaluation (on the trainer's ``eval_dataset``; docs/evaluation.md says what each part costs). The merged
+    student is evaluated before round 1 (round 0) and after every round: its eval loss on the rows SFT can score
+    (messages with an assistant turn, prompt + completion, text; a prompt + answer set has none and skips it), and
+    with `eval_accuracy_samples` its pass@1, whose generations go to `round-XXX/eval.jsonl` in the run folder.
+        eval_accuracy_samples (`int`, defaults to `0`): the number of eval PROBLEMS (rows, the first ones) scored by
+            generation every round (0: off); each is sampled `eval_num_samples` times. Columns read: `prompt` (text
+            or chat messages) or `messages`, and `answer` (else `completion`, else the last assistant turn); see
+            `evaluation.prompts_and_answers`. A row without an answer is an error before the model loads.
+        eval_num_samples (`int`, defaults to `1`): completions per problem; `eval_accuracy` is their mean (pass@1
+            over samples, as open-r1 and lighteval report it). 1 decodes greedily; more sample at `eval_temperature`
+            and `eval_top_p`, seeded from `seed` and the round, so a rerun draws the same completions.
+        eval_temperature (`float`, defaults to `0.6`): sampling temperature when `eval_num_samples > 1`.
+        eval_top_p (`float`, defaults to `0.95`): nucleus sampling when `eval_num_samples > 1`.
         eval_max_new_tokens (`int`, defaults to `256`): generation budget per sample.
-        eval_branches (`bool`, defaults to `True`): also evaluate every branch (the student plus that branch's own
-            update, before the merge) with the same metrics, into its `branch` record in metrics.jsonl, TensorBoard
-            (`<teacher>/eval_loss`, `<teacher>/eval_accuracy`) and the model card. Branches that score well while
-            their average does not are teachers the weight average cannot reconcile. Costs one eval per branch.
-        answer_pattern (`str`, *optional*): regex for the final answer (first group if any); defaults to the last
+        eval_branches (`str`, defaults to `"loss"`; `"all"` with `teacher_weighting="eval_accuracy"`): what each
+            branch (the student plus that branch's own update, before the merge) is evaluated on, into its `branch`
+            record in metrics.jsonl, TensorBoard (`<teacher>/eval_loss`, `<teacher>/eval_accuracy`) and the model
+            card: `"none"`, `"loss"` (its eval loss: one forward pass over the eval set) or `"all"` (eval loss and
+            generation accuracy; its generations are not written). Branches that score well while their average
+            does not are teachers the weight average cannot reconcile. `True`/`False` (older configs) read as
+            `"all"`/`"none"`.
+        answer_match (`str`, defaults to `"math"`): how a completion is judged (`evaluation.is_correct`). `"math"`:
+            math-verify, `verify(parse(gold), parse(answer))`, on the text after the last `</think>` (a reasoning
+            that never closes scores 0); gold answers it cannot parse are skipped and counted (`eval_skipped`).
+            `"numeric"` compares numbers when both sides parse as one, `"exact"` the normalized strings.
+        answer_pattern (`str`, *optional*): regex for the final answer (first group if any). Unset: math-verify's
+            extraction for `"math"` (`\boxed{...}` first, then an answer it can parse), else the last
             `\boxed{...}`, else the text after `####`.
-        answer_match (`str`, defaults to `"numeric"`): `"numeric"` compares numbers when both sides parse as one,
-            `"exact"` compares the normalized strings only.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_weights"]
@@ -211,18 +230,28 @@ class MoTConfig(SFTConfig):
     )
 
     eval_accuracy_samples: int = field(
-        default=0, metadata={"help": "Eval rows scored by greedy generation every round (0 turns it off)."}
+        default=0, metadata={"help": "Eval problems (rows) scored by generation every round (0 turns it off)."}
     )
+    eval_num_samples: int = field(
+        default=1, metadata={"help": "Completions per eval problem, averaged (pass@1); 1 decodes greedily."}
+    )
+    eval_temperature: float = field(default=0.6, metadata={"help": "Sampling temperature when eval_num_samples > 1."})
+    eval_top_p: float = field(default=0.95, metadata={"help": "Sampling top_p when eval_num_samples > 1."})
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per eval sample."})
-    eval_branches: bool = field(
-        default=True, metadata={"help": "Also evaluate each branch before the merge (one eval per branch)."}
+    eval_branches: str | None = field(
+        default=None,
+        metadata={"help": "What each branch is evaluated on before the merge: 'none', 'loss' (default) or 'all' "
+                  "(loss and generation accuracy; the default with teacher_weighting='eval_accuracy').",
+                  "choices": list(EVAL_BRANCHES)},
     )
     answer_pattern: str | None = field(
-        default=None, metadata={"help": "Regex for the final answer; default: last \\boxed{...}, else after '####'."}
+        default=None, metadata={"help": "Regex for the final answer; default: math-verify's extraction (math), or "
+                                "the last \\boxed{...}, else after '####'."}
     )
     answer_match: str = field(
-        default="numeric",
-        metadata={"help": "How answers compare: 'numeric' or 'exact'.", "choices": ["numeric", "exact"]},
+        default="math",
+        metadata={"help": "How answers are judged: 'math' (math-verify, after </think>), 'numeric' or 'exact'.",
+                  "choices": list(ANSWER_MATCHES)},
     )
     on_branch_divergence: str = field(
         default="raise",
@@ -268,17 +297,14 @@ class MoTConfig(SFTConfig):
                 f"merge_tolerance must be in [0, 1e-3] (the merge fidelity bound), got {self.merge_tolerance}; use "
                 "merge_max_rank for a lossy rank budget."
             )
-        if self.eval_accuracy_samples < 0:
-            raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
-        if self.answer_match not in ("numeric", "exact"):
-            raise ValueError(f"answer_match must be 'numeric' or 'exact', got {self.answer_match!r}.")
+        self._check_evaluation()
         if self.teacher_weighting not in TEACHER_WEIGHTINGS:
             raise ValueError(f"teacher_weighting must be one of {TEACHER_WEIGHTINGS}, got {self.teacher_weighting!r}.")
         if self.teacher_weighting == "eval_accuracy":
             needs = [need for need, missing in (
                 ("eval_accuracy_samples > 0 (the branches are weighted by their generation accuracy)",
                  self.eval_accuracy_samples < 1),
-                ("eval_branches=True (each branch is scored before the merge)", not self.eval_branches),
+                ("eval_branches='all' (each branch is scored before the merge)", self.eval_branches != "all"),
                 ("teacher_weights unset (the weights come from the scores)", self.teacher_weights is not None),
             ) if missing]  # fmt: skip
             if needs:
@@ -289,3 +315,24 @@ class MoTConfig(SFTConfig):
             raise ValueError(f"frozen_delta must be one of {FROZEN_DELTA}, got {self.frozen_delta!r}.")
         if self.on_branch_divergence not in ("raise", "drop"):
             raise ValueError(f"on_branch_divergence must be 'raise' or 'drop', got {self.on_branch_divergence!r}.")
+
+    def _check_evaluation(self) -> None:
+        """Resolve ``eval_branches`` (old configs' booleans; "all" when the weighting needs the branches' accuracy)
+        and check the eval settings."""
+        if isinstance(self.eval_branches, bool):
+            self.eval_branches = "all" if self.eval_branches else "none"
+        if self.eval_branches is None:
+            self.eval_branches = "all" if self.teacher_weighting == "eval_accuracy" else "loss"
+        if self.eval_branches not in EVAL_BRANCHES:
+            raise ValueError(f"eval_branches must be one of {EVAL_BRANCHES}, got {self.eval_branches!r}.")
+        if self.answer_match not in ANSWER_MATCHES:
+            raise ValueError(f"answer_match must be one of {ANSWER_MATCHES}, got {self.answer_match!r}.")
+        if self.eval_accuracy_samples < 0:
+            raise ValueError(f"eval_accuracy_samples must be 0 (off) or positive, got {self.eval_accuracy_samples}.")
+        if self.eval_num_samples < 1:
+            raise ValueError(f"eval_num_samples must be at least 1 (1 decodes greedily), got {self.eval_num_samples}.")
+        if self.eval_num_samples > 1 and not (self.eval_temperature > 0 and 0 < self.eval_top_p <= 1):
+            raise ValueError(
+                f"sampled evals need eval_temperature > 0 and 0 < eval_top_p <= 1, got {self.eval_temperature} and "
+                f"{self.eval_top_p}."
+            )

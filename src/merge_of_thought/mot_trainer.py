@@ -43,7 +43,7 @@ from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
 from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
-from .evaluation import generation_accuracy, prompts_and_answers
+from . import evaluation
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
 from .merging import LowRankDelta, kept_norm, merge_round, summarize
 from .metrics import MetricsLog
@@ -70,9 +70,10 @@ class MoTTrainer:
         processing_class: the tokenizer; loaded from ``model`` when omitted.
         peft_config: the LoRA settings of every branch. Defaults to r=16, alpha=32 on all linear layers.
         quantization_config: used when ``model`` is loaded from an id or folder (e.g. 4-bit nf4 for QLoRA).
-        eval_dataset: held-out data; its loss is measured on the starting student and after every round, and with
-            ``args.eval_accuracy_samples`` its generation accuracy (columns: 'prompt' or 'messages', and 'answer'
-            or 'completion'; see :func:`~merge_of_thought.evaluation.prompts_and_answers`).
+        eval_dataset: held-out data; its loss is measured on the starting student and after every round (on the
+            rows SFT can score), and with ``args.eval_accuracy_samples`` its pass@1, written with its generations to
+            ``round-XXX/eval.jsonl`` (columns: 'prompt' or 'messages', and 'answer' or 'completion'; see
+            :func:`~merge_of_thought.evaluation.prompts_and_answers`).
         callbacks: transformers ``TrainerCallback`` objects go to every branch's SFTTrainer; ``MoTCallback``
             objects get the MoT events (round and branch begin/end, after merge, evaluate; see callbacks.py).
     """
@@ -102,6 +103,9 @@ class MoTTrainer:
                 f"teacher_weighting={self.args.teacher_weighting!r} weighs each round's branches by their score on "
                 "eval_dataset: pass an eval_dataset (held-out problems with answers) and no teacher weights."
             )
+        if eval_dataset is not None and self.args.eval_accuracy_samples:  # a row without an answer fails here
+            evaluation.check_eval_dataset(eval_dataset, self.args.eval_accuracy_samples, self.args.answer_pattern,
+                                          self.args.answer_match)  # fmt: skip
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
         if self.dist.world_size > len(self.teacher_names):
             raise ValueError(
@@ -159,6 +163,7 @@ class MoTTrainer:
         self.datasets: dict[str, Dataset] = dict(teachers)  # replaced by the tokenized copy on first use
         self.eval_dataset = eval_dataset
         self._eval_tokenized: Dataset | None = None
+        self._eval_loss_skipped = False  # the eval rows have no completion SFT can score (logged once)
         self.last_eval_records: list[dict[str, Any]] = []  # per-sample generations of the latest accuracy eval
         self.data_collator = data_collator
         self.callbacks, mot_callbacks = split_callbacks(callbacks)
@@ -272,7 +277,7 @@ class MoTTrainer:
             adapters.remove_adapter(self.model, name)
             return self._diverged(error)
         adapter = adapters.detach_adapter(self.model, name)  # before the eval: its trainer recasts the branch
-        scores = self._evaluate_branch()
+        scores = self._evaluate_branch(round_idx)
         adapters.remove_adapter(self.model, name)
         if self.args.branch_state == "persistent":
             self._save_branch_state(round_idx, teacher, BranchState(adapter.state, branches.optimizer_state(
@@ -346,44 +351,51 @@ class MoTTrainer:
         return trainer
 
     # ------------------------------------------------------------------ evaluation and records
-    def evaluate(self) -> dict[str, float]:
-        """The current student on ``eval_dataset``: eval loss and, with ``args.eval_accuracy_samples``, generation
-        accuracy (empty when there is no eval_dataset)."""
+    def evaluate(self, round_idx: int = 0, accuracy: bool = True) -> dict[str, float]:
+        """The current student on ``eval_dataset`` (empty without one): eval loss on the rows SFT can score and,
+        with ``accuracy`` and ``args.eval_accuracy_samples``, pass@1 over ``args.eval_num_samples`` samples per
+        problem (seeded from ``args.seed + round_idx``) with the number of problems skipped; the per-sample
+        records stay in ``last_eval_records``."""
         if self.eval_dataset is None:
             return {}
+        metrics = {}
         with self._peft_student():
-            metrics = {"eval_loss": self._eval_loss()}
-            if self.args.eval_accuracy_samples:
-                prompts, answers = prompts_and_answers(
-                    self.eval_dataset, self.args.eval_accuracy_samples, self.args.answer_pattern
+            loss = self._eval_loss()
+            if loss is not None:
+                metrics["eval_loss"] = loss
+            if accuracy and self.args.eval_accuracy_samples:
+                args = self.args
+                prompts, answers = evaluation.prompts_and_answers(
+                    self.eval_dataset, args.eval_accuracy_samples, args.answer_pattern
                 )
-                result = generation_accuracy(
-                    self.model,
-                    self.processing_class,
-                    prompts,
-                    answers,
-                    batch_size=self.args.per_device_eval_batch_size,
-                    max_new_tokens=self.args.eval_max_new_tokens,
-                    pattern=self.args.answer_pattern,
-                    numeric=self.args.answer_match == "numeric",
-                    disable_tqdm=self.args.disable_tqdm,
-                )
+                result = evaluation.generation_accuracy(
+                    self.model, self.processing_class, prompts, answers,
+                    batch_size=args.per_device_eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
+                    pattern=args.answer_pattern, answer_match=args.answer_match, num_samples=args.eval_num_samples,
+                    temperature=args.eval_temperature, top_p=args.eval_top_p, seed=args.seed + round_idx,
+                    disable_tqdm=args.disable_tqdm,
+                )  # fmt: skip
                 self.last_eval_records = result.records
-                metrics["eval_accuracy"] = result.accuracy
+                metrics.update(eval_accuracy=result.accuracy, eval_skipped=result.skipped)
         return metrics
 
-    def _evaluate_branch(self) -> dict[str, float]:
-        """The branch just trained (its adapter still active above the student) on ``eval_dataset``, unless
-        ``args.eval_branches`` is off; the latest records stay the merged student's."""
-        if not self.args.eval_branches:
+    def _evaluate_branch(self, round_idx: int) -> dict[str, float]:
+        """The branch just trained (its adapter still active above the student) on ``eval_dataset``, as far as
+        ``args.eval_branches`` asks; the latest records stay the merged student's."""
+        if self.args.eval_branches == "none":
             return {}
         records = self.last_eval_records
-        metrics = self.evaluate()
+        metrics = self.evaluate(round_idx, accuracy=self.args.eval_branches == "all")
         self.last_eval_records = records
         return metrics
 
     def _evaluate_round(self, round_idx: int) -> dict[str, float]:
-        metrics = self.evaluate()
+        """The merged student after ``round_idx`` (0: the starting student); its generations go to the round's
+        ``eval.jsonl``."""
+        self.last_eval_records = []
+        metrics = self.evaluate(round_idx)
+        if self.last_eval_records:
+            evaluation.write_generations(self.run.round_dir(round_idx) / "eval.jsonl", self.last_eval_records)
         if metrics:
             self.fire("on_evaluate", self, round_idx=round_idx, metrics=metrics)
         return metrics
@@ -402,14 +414,26 @@ class MoTTrainer:
             adapters.remove_adapter(self.model, "mot_eval")
             self.model = frozen.unwrap(self.model)  # the plain model again, as it was
 
-    def _eval_loss(self) -> float:
+    def _eval_loss(self) -> float | None:
+        """The eval loss on the rows SFT can score (:func:`~merge_of_thought.evaluation.loss_rows`); ``None`` when
+        there are none, such as a prompt + answer set, which is logged once."""
+        if self._eval_loss_skipped:
+            return None
+        rows = self._eval_tokenized  # tokenized once; the raw rows stay for generation
+        if rows is None:
+            rows = evaluation.loss_rows(self.eval_dataset, self.args.dataset_text_field, self.formatting_func)
+        if rows is None:
+            logger.info("eval_dataset has no completion SFT can score (columns %s): no eval loss, accuracy only.",
+                        self.eval_dataset.column_names)  # fmt: skip
+            self._eval_loss_skipped = True
+            return None
         trainer = self._sft_trainer(
             train_dataset=self.datasets[self.teacher_names[0]],
-            eval_dataset=self._eval_tokenized if self._eval_tokenized is not None else self.eval_dataset,
+            eval_dataset=rows,
             output_dir=str(self.run.root),  # evaluate() writes nothing there; an eval/ folder would stay empty
             report_to=[],
         )
-        self._eval_tokenized = trainer.eval_dataset  # tokenized once; the raw rows stay for generation
+        self._eval_tokenized = trainer.eval_dataset
         return trainer.evaluate()["eval_loss"]
 
     # ------------------------------------------------------------------ TRL-style script API

@@ -11,13 +11,16 @@ numbers into the same TensorBoard folder. Instead (``<root>`` is ``$TENSORBOARD_
 
 Other integrations (W&B, MLflow, trackio, ...) get the same calls from transformers' own callbacks: each branch
 runs under ``run_name = "round<t>/<teacher>"`` and the per-round metrics are logged with ``step = round``.
-``metrics.jsonl`` stays the machine-readable record of everything.
+``metrics.jsonl`` stays the machine-readable record of everything; :func:`rounds_table` prints its rounds for a
+person (``mot train`` ends with it; ``mot demo`` prints its rows with the same :class:`Table`).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,3 +94,52 @@ class RoundReporter(MoTCallback):
         self.state.log_history.append({**logs, "step": round_idx})
         for callback in self.integrations:
             callback.on_log(self.args, self.state, self.control, logs=dict(logs))
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its title, the record key it shows, and the format of a value."""
+
+    title: str
+    key: str
+    format: str = "{}"
+
+
+class Table:
+    """A fixed-width text table, printed row by row (``mot demo``) or at once (:func:`rounds_table`)."""
+
+    def __init__(self, columns: Sequence[Column]):
+        self.columns = list(columns)
+
+    def header(self) -> str:
+        return "  " + "  ".join(column.title for column in self.columns)
+
+    def row(self, record: Mapping[str, Any]) -> str:
+        """One line; a value the record lacks (or a NaN) shows as ``-``."""
+        cells = []
+        for column in self.columns:
+            value = record.get(column.key)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            cells.append(("-" if missing else column.format.format(value)).rjust(len(column.title)))
+        return "  " + "  ".join(cells)
+
+    def render(self, records: Iterable[Mapping[str, Any]]) -> str:
+        return "\n".join([self.header(), *(self.row(record) for record in records)])
+
+
+ROUND_COLUMNS = (
+    Column("round", "round", "{:d}"),
+    Column("eval loss", "eval_loss", "{:.4f}"),
+    Column("accuracy", "eval_accuracy", "{:.3f}"),
+    Column("skipped", "eval_skipped", "{:d}"),
+    Column("merge rank", "merge_rank", "{:d}"),
+    Column("merge s", "merge_seconds", "{:.1f}"),
+)
+
+
+def rounds_table(records: Iterable[Mapping[str, Any]]) -> str:
+    """The run's rounds (metrics.jsonl's ``round`` records; round 0 is the starting student) as a table, with the
+    columns some round has; a round recorded twice (a resumed run) shows its last record."""
+    rounds = {r["round"]: r for r in records if r.get("type", "round") == "round"}
+    ordered = [rounds[k] for k in sorted(rounds)]
+    return Table([c for c in ROUND_COLUMNS if any(c.key in r for r in ordered)]).render(ordered)

@@ -25,6 +25,7 @@ from peft import LoraConfig
 from ..callbacks import MoTCallback
 from ..mot_config import MoTConfig
 from ..mot_trainer import MoTTrainer
+from ..reporting import Column, Table
 from ..students import STUDENTS, student_path
 from .student import load_demo_student
 from .task import TEACHERS, accuracy, make_problems, make_teacher_datasets
@@ -79,10 +80,14 @@ class AccuracyTable(MoTCallback):
         self.stream = sys.stdout  # the console, also while the branches' own step logs are silenced
         self.rows: list[tuple[int, float, float]] = []
 
+    table = Table([Column("round", "round", "{:d}"), Column("accuracy", "accuracy", "{:.2f}"),
+                   Column("elapsed", "elapsed", "{:.0f}s")])  # fmt: skip
+
     def score(self, model, round_idx: int) -> None:
         result = accuracy(model, self.tokenizer, self.problems, conversational=self.conversational)
         self.rows.append((round_idx, result, time.perf_counter() - self.start))
-        print(f"  {round_idx:>5}  {result:>8.2f}  {self.rows[-1][2]:>7.0f}s", file=self.stream, flush=True)
+        row = self.table.row({"round": round_idx, "accuracy": result, "elapsed": self.rows[-1][2]})
+        print(row, file=self.stream, flush=True)
 
     def on_round_end(self, trainer, round_idx, metrics, **kwargs):
         self.score(trainer.model, round_idx)
@@ -102,7 +107,7 @@ def run_demo(settings: DemoSettings | None = None) -> list[tuple[int, float, flo
         f"MoT demo: {len(teachers)} teachers ({', '.join(TEACHERS)}), {settings.num_rounds} rounds x "
         f"{settings.max_steps} steps per branch, {'4-bit nf4' if settings.load_in_4bit else 'fp32'} "
         f"{settings.student} student, {settings.eval_problems} held-out problems"
-        f"{' (chat format)' if settings.chat else ''}\n\n  round  accuracy  elapsed",
+        f"{' (chat format)' if settings.chat else ''}\n\n{AccuracyTable.table.header()}",
         flush=True,
     )
     table = AccuracyTable(tokenizer, held_out, start, conversational=settings.chat)

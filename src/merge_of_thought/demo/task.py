@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from ..evaluation import Prompt
+from ..evaluation import Prompt, is_correct
 from ..evaluation import generate_completions as generate_completions_
 
 
@@ -40,6 +40,7 @@ TEACHERS: tuple[str, ...] = ("column", "verbose", "split", "noisy")
 ALL_TEACHERS: tuple[str, ...] = (*TEACHERS, "commuted")
 DEFAULT_NOISE_RATE = 0.4
 _ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+ANSWER_PATTERN = r"(?s)\A.*?####\s*(-?\d+)"  # the number after the FIRST "####" (what extract_answer reads)
 _NUMBER_RE = re.compile(r"-?\d+")
 
 
@@ -253,14 +254,14 @@ def accuracy(
     problems: Sequence[Problem],
     batch_size: int = 128,
     max_new_tokens: int = 64,
-    strict: bool = True,
     return_completions: bool = False,
     conversational: bool = False,
 ) -> float | tuple[float, list[str]]:
-    """Exact-match accuracy of the model's greedy final answers (``"#### <n>"``) on ``problems``, asked as plain
-    prompts or, with ``conversational=True``, as the chat messages the conversational teacher data uses."""
+    """Accuracy of the model's greedy final answers (the number after the first ``"####"``, compared as a number by
+    :func:`~merge_of_thought.evaluation.is_correct`) on ``problems``, asked as plain prompts or, with
+    ``conversational=True``, as the chat messages the conversational teacher data uses."""
     prompts = [p.messages if conversational else p.prompt for p in problems]
     completions = generate_completions(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    correct = sum(extract_answer(c, strict=strict) == p.answer for c, p in zip(completions, problems))
+    correct = sum(bool(is_correct(c, str(p.answer), "numeric", ANSWER_PATTERN)) for c, p in zip(completions, problems))
     acc = correct / max(len(problems), 1)
     return (acc, completions) if return_completions else acc

@@ -30,6 +30,7 @@ from ..checkpointing import RunFolder, resume_target
 from ..sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers, teacher_name
 from ..hub import is_local_path
 from ..mot_config import MoTConfig
+from ..reporting import rounds_table
 from .console import VERBOSE_FLAG, run_command
 
 
@@ -283,6 +284,7 @@ def train(argv: list[str]) -> int:
     trainer.train()  # resumes when args.resume_from_checkpoint says so (--resume sets it)
     trainer.save_model(training_args.output_dir)
     what = f"The {script_args.baseline.upper()} baseline" if script_args.baseline else "MoT"
+    trainer.accelerator.print(f"\n{rounds_table(trainer.metrics.read())}\n")
     trainer.accelerator.print(f"{what} finished: the student (a PEFT LoRA adapter) is in {training_args.output_dir}")
     trainer.end()
     return 0
