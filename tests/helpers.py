@@ -77,3 +77,33 @@ def load_benchmark(relative_path: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+S1K = "simplescaling/s1K-1.1"
+OMR = "nvidia/OpenMathReasoning"
+MATH500 = "HuggingFaceH4/MATH-500"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_hub_copies(root: Path) -> None:
+    """Small local copies of simplescaling/s1K-1.1, nvidia/OpenMathReasoning (cot split) and HuggingFaceH4/MATH-500
+    under ``root``, in folders named like the Hub ids and with their columns, so that ``load_dataset(id)`` run in
+    ``root`` reads them (a local folder of that name comes first) and a config written for the Hub runs unchanged."""
+    write_jsonl(root / S1K / "train.jsonl", [
+        {"solution": str(a + 7), "question": f"What is {a}+7?", "cot_type": "math", "source_type": "fixture",
+         "metadata": "{}", "deepseek_thinking_trajectory": f"Okay, {a} plus 7. " * (1 + a) + f"So {a + 7}.",
+         "deepseek_attempt": f"The answer is $\\boxed{{{a + 7}}}$.",
+         "gemini_thinking_trajectory": f"{a}+7={a + 7}", "gemini_attempt": f"**Answer** \\boxed{{{a + 7}}}"}
+        for a in range(10)])  # fmt: skip
+    models = ["DeepSeek-R1", "QwQ-32B", "DeepSeek-R1"]
+    write_jsonl(root / OMR / "data" / "cot-00000-of-00001.jsonl", [
+        {"problem": f"What is {a}*3?", "generated_solution": f"<think>\n{a} times 3 is {3 * a}.\n</think>\n\n"
+         f"\\boxed{{{3 * a}}}", "expected_answer": str(3 * a), "generation_model": models[a % 3],
+         "problem_type": "has_answer_extracted", "problem_source": "fixture"} for a in range(9)])  # fmt: skip
+    write_jsonl(root / MATH500 / "test.jsonl", [
+        {"problem": f"What is {a}+{a}?", "solution": "...", "answer": str(2 * a), "subject": "Algebra", "level": 1,
+         "unique_id": f"test/{a}.json"} for a in range(4)])  # fmt: skip

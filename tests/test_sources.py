@@ -16,11 +16,9 @@ from merge_of_thought.data import prepare_teachers
 from merge_of_thought.reasoning import reasoning_style, split_think
 from merge_of_thought.sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers
 
-from helpers import quick_config, quick_lora
+from helpers import OMR, S1K, quick_config, quick_lora, write_hub_copies, write_jsonl
 
 MISSING_MODEL = "/nonexistent/model/that/must/not/be/loaded"
-S1K = "simplescaling/s1K-1.1"
-OMR = "nvidia/OpenMathReasoning"
 
 
 # a template that reads only a 'thinking' key
@@ -33,30 +31,12 @@ def trl_template(name: str) -> str:
     return THINKING_ONLY if name == "thinking_only" else (files("trl") / "chat_templates" / f"{name}.jinja").read_text()
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 @pytest.fixture
 def hub_copies(tmp_path, monkeypatch):
-    """Local folders named like the Hub data sets, with their columns: ``load_dataset(id)`` reads a local folder of
-    that name first, so the specs are the ones a user writes."""
+    """Local folders named like the Hub data sets (helpers.write_hub_copies): ``load_dataset(id)`` reads a local
+    folder of that name first, so the specs are the ones a user writes."""
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / S1K / "train.jsonl", [
-        {"solution": str(a + 7), "question": f"What is {a}+7?", "cot_type": "math", "source_type": "fixture",
-         "metadata": "{}", "deepseek_thinking_trajectory": f"Okay, {a} plus 7. " * (1 + a) + f"So {a + 7}.",
-         "deepseek_attempt": f"The answer is $\\boxed{{{a + 7}}}$.",
-         "gemini_thinking_trajectory": f"{a}+7={a + 7}", "gemini_attempt": f"**Answer** \\boxed{{{a + 7}}}"}
-        for a in range(10)])  # fmt: skip
-    models = ["DeepSeek-R1", "QwQ-32B", "DeepSeek-R1"]
-    write_jsonl(tmp_path / OMR / "data" / "cot-00000-of-00001.jsonl", [
-        {"problem": f"What is {a}*3?", "generated_solution": f"<think>\n{a} times 3 is {3 * a}.\n</think>\n\n"
-         f"\\boxed{{{3 * a}}}", "expected_answer": str(3 * a), "generation_model": models[a % 3],
-         "problem_type": "has_answer_extracted", "problem_source": "fixture"} for a in range(9)])  # fmt: skip
-    write_jsonl(tmp_path / "HuggingFaceH4/MATH-500/test.jsonl", [
-        {"problem": f"What is {a}+{a}?", "solution": "...", "answer": str(2 * a), "subject": "Algebra", "level": 1,
-         "unique_id": f"test/{a}.json"} for a in range(4)])  # fmt: skip
+    write_hub_copies(tmp_path)
     return tmp_path
 
 

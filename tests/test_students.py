@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from merge_of_thought.cli import main
 from merge_of_thought.demo.run import demo_settings, run_demo
 from merge_of_thought.demo.task import make_problems, make_teacher_datasets
 from merge_of_thought.scripts.demo import make_parser as demo_parser
+
+from helpers import write_hub_copies
 
 QUESTION = [{"role": "user", "content": "What is 47+25? Think step by step."}]
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -178,3 +181,34 @@ def test_demo_takes_the_student_and_its_defaults(converted, cache, monkeypatch, 
     out = capsys.readouterr().out
     assert "smollm2-135m student" in out and "(chat format)" in out
     assert json.loads((tmp_path / "mot_run.json").read_text())["base_model"] == str(converted[0])
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "s1k_qwen3_nf4.yaml"
+
+
+def test_the_s1k_recipe_runs_unchanged_on_local_copies_of_its_data(converted, tmp_path, monkeypatch, capsys):
+    """The public recipe (s1K-1.1's DeepSeek-R1 and Gemini teachers, MATH-500 problems, nf4, math-verify pass@1 over
+    samples), its file unchanged: its data sets are local copies with the Hub sets' columns (helpers.write_hub_copies),
+    and flags swap in SmolLM2 with short sequences and a short schedule."""
+    monkeypatch.chdir(tmp_path)
+    write_hub_copies(tmp_path)
+    argv = ["train", "--config", str(RECIPE), "--model_name_or_path", str(converted[0]), "--dtype", "float32",
+            "--bf16", "false", "--max_length", "256", "--num_rounds", "2", "--max_steps", "1",
+            "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2", "--gradient_checkpointing",
+            "false", "--eval_accuracy_samples", "2", "--eval_max_new_tokens", "12", "--per_device_eval_batch_size",
+            "4", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", "out"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    print(captured.err[-3000:], captured.out[-2000:])  # the length report and the table, in the test log
+    assert "Trace lengths in tokens of the student's tokenizer (max_length=256)" in captured.err
+    table = captured.out[captured.out.index("round  accuracy"):].splitlines()
+    assert [line.split()[0] for line in table[1:4]] == ["0", "1", "2"]
+    out = tmp_path / "out"
+    run = json.loads((out / "mot_run.json").read_text())
+    assert run["teachers"] == ["deepseek-r1", "gemini"] and run["quantization"]  # the student trained in nf4
+    for round_idx in range(3):
+        lines = [json.loads(line) for line in (out / f"round-{round_idx:03d}" / "eval.jsonl").read_text().splitlines()]
+        assert len(lines) == 4 and {line["sample"] for line in lines} == {0, 1}  # 2 problems x 2 samples
+        assert [line["gold"] for line in lines[::2]] == ["0", "2"]  # MATH-500's answers
+        assert all({"prompt", "completion", "extracted", "correct"} <= set(line) for line in lines)
+        assert all("What is" in line["prompt"] and "<|im_start|>user" in line["prompt"] for line in lines)
