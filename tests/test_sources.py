@@ -51,7 +51,7 @@ def test_teachers_in_columns_of_the_same_rows(hub_copies):
     teachers = load_teachers([s1k_teacher("deepseek"), s1k_teacher("gemini")])
     assert list(teachers) == ["deepseek", "gemini"] and all(len(t) == 10 for t in teachers.values())
     user, assistant = teachers["gemini"][3]["messages"]
-    assert user == {"role": "user", "content": "What is 3+7?"}
+    assert (user["role"], user["content"], user["reasoning_content"]) == ("user", "What is 3+7?", None)
     assert assistant["content"] == "**Answer** \\boxed{10}" and assistant["reasoning_content"] == "3+7=10"
 
 
@@ -62,6 +62,17 @@ def test_teachers_told_apart_by_a_column(hub_copies):
         "What is 1*3?", "What is 4*3?", "What is 7*3?"]  # fmt: skip
     each = load_teachers([TeacherConfig(**spec, split_by="generation_model")])
     assert {name: len(rows) for name, rows in each.items()} == {"DeepSeek-R1": 6, "QwQ-32B": 3}
+
+
+def test_the_union_baseline_takes_teachers_of_every_shape(hub_copies):
+    from merge_of_thought.baselines import baseline_run
+
+    teachers = load_teachers([s1k_teacher("deepseek"), TeacherConfig(
+        path=OMR, split="cot", split_by="generation_model", prompt_column="problem",
+        completion_column="generated_solution")])  # fmt: skip
+    data, _ = baseline_run("mtd", teachers, MoTConfig(output_dir="unused"))
+    union = next(iter(data.values()))
+    assert len(union) == 19 and sum(m[1]["reasoning_content"] is not None for m in union["messages"]) == 10
 
 
 def test_eval_problems_from_a_question_and_an_answer_column(hub_copies):

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 from datasets import Dataset, concatenate_datasets
 
+from . import reasoning
 from .mot_config import MoTConfig
 
 BASELINES = ("mtd", "std")
@@ -33,6 +34,21 @@ def baseline_steps(args: MoTConfig, n_teachers: int, steps: str) -> int:
         raise ValueError(f"baseline steps must be one of {BASELINE_STEPS}, got {steps!r}.")
     path = args.num_rounds * args.max_steps
     return path * n_teachers if steps == "mot" else path
+
+
+def union(teachers: Mapping[str, Dataset]) -> Dataset:
+    """Every teacher's rows in one data set. Conversations get the same message keys first (a teacher mapped from
+    columns carries ``reasoning_content``, one with inline ``<think>`` does not); formats that cannot share one data
+    set (``messages`` beside ``prompt``/``completion``) are named."""
+    parts = [reasoning.with_reasoning_keys(dataset) for dataset in teachers.values()]
+    try:
+        return concatenate_datasets(parts)
+    except ValueError as error:
+        columns = {name: dataset.column_names for name, dataset in teachers.items()}
+        raise ValueError(
+            f"baseline 'mtd' concatenates the teachers' data sets, but their formats differ: {columns} ({error}). "
+            "Bring them to one format (e.g. all 'messages') first."
+        ) from None
 
 
 def baseline_run(
@@ -52,7 +68,7 @@ def baseline_run(
     if kind == "mtd":
         if teacher is not None:
             raise ValueError("baseline 'mtd' trains on every teacher's data; baseline_teacher is for 'std'.")
-        data = {UNION: concatenate_datasets(list(teachers.values())).shuffle(seed=args.seed)}
+        data = {UNION: union(teachers).shuffle(seed=args.seed)}
     else:
         if teacher is None and len(teachers) == 1:
             teacher = next(iter(teachers))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REASONING_KEYS = ("reasoning_content", "thinking")
@@ -98,3 +98,19 @@ def render_reasoning(dataset: Dataset, column: str, style: str, label: str) -> D
         return out
 
     return dataset.map(lambda row: {column: rewrite(row[column])}, desc=f"Reasoning of {label} as {style!r}")
+
+
+def with_reasoning_keys(dataset: Dataset) -> Dataset:
+    """The data set with every message of its ``messages``/``conversations`` column carrying the reasoning keys
+    (None where absent), so conversations mapped from columns and ones with inline ``<think>`` share one schema."""
+    column = next((c for c in ("messages", "conversations") if c in dataset.column_names), None)
+    message = getattr(dataset.features.get(column), "feature", None)
+    if column is None or not isinstance(message, dict):
+        return dataset
+    keys = {key: Value("string") for key in REASONING_KEYS}
+    features = Features({**dataset.features, column: List({**message, **keys})})
+    return dataset.map(
+        lambda row: {column: [{**m, **{key: m.get(key) for key in REASONING_KEYS}} for m in row[column]]},
+        features=features,
+        desc="Reasoning keys",
+    )

@@ -27,10 +27,14 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 from trl.scripts.utils import DatasetConfig
 
+from .reasoning import REASONING_KEYS
+
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+MESSAGES = List({"role": Value("string"), "content": Value("string"), **dict.fromkeys(REASONING_KEYS, Value("string"))})
+"""The schema of the conversations MoT builds: a message's reasoning keys are strings, None where absent."""
 
 
 @dataclass
@@ -207,12 +211,17 @@ def conversations_from_columns(
     _require_text(dataset, [c for c in columns if c], label)
 
     def conversation(row: dict[str, Any]) -> dict[str, Any]:
-        answer = {"role": "assistant", "content": row[completion_column]}
-        if reasoning_column:
-            answer["reasoning_content"] = row[reasoning_column]
-        return {"messages": [{"role": "user", "content": row[prompt_column]}, answer]}
+        reasoning = row[reasoning_column] if reasoning_column else None
+        return {"messages": [message("user", row[prompt_column]), message("assistant", row[completion_column],
+                                                                          reasoning)]}  # fmt: skip
 
-    return dataset.map(conversation, remove_columns=dataset.column_names, desc=f"Conversations of {label}")
+    return dataset.map(conversation, remove_columns=dataset.column_names, features=Features({"messages": MESSAGES}),
+                       desc=f"Conversations of {label}")  # fmt: skip
+
+
+def message(role: str, content: str, reasoning: str | None = None) -> dict[str, Any]:
+    """One chat message with every reasoning key (None where absent), so all rows share the :data:`MESSAGES` schema."""
+    return {"role": role, "content": content, **{key: None for key in REASONING_KEYS}, "reasoning_content": reasoning}
 
 
 def eval_rows(dataset: Dataset, prompt_column: str, answer_column: str, label: str = "eval_dataset") -> Dataset:
