@@ -146,18 +146,27 @@ def _parsed(result: list) -> bool:
     return any(not isinstance(item, str) for item in result)
 
 
-def parse_gold(gold: str) -> list:
-    """A reference answer as math-verify reads it; empty when it cannot.
+def parse_answer(answer: str) -> list:
+    """A reference (or regex-extracted) answer as math-verify reads it; empty when it cannot.
 
     Text with LaTeX delimiters or a ``\\boxed{}`` (a whole solution, as TRL's and lighteval's references are) is
     parsed as it is; a bare answer (MATH-500's ``answer`` column: ``\\frac{14}{3}``, ``(3, \\frac{\\pi}{2})``, or the
     number after ``####``) is parsed as one LaTeX expression, ``$answer$``: parsed raw, math-verify would read
     ``6 - 5i`` as ``5``.
     """
-    if not _LATEX_DELIMITED.search(gold):
-        gold = f"${(extract_final_answer(gold) or gold).strip()}$"
-    result = parse(gold, parsing_timeout=_timeout(10))
+    if not _LATEX_DELIMITED.search(answer):
+        answer = f"${(extract_final_answer(answer) or answer).strip()}$"
+    result = parse(answer, parsing_timeout=_timeout(10))
     return result if _parsed(result) else []
+
+
+def _math_answer(text: str, pattern: str | re.Pattern | None) -> tuple[list, str | None]:
+    """The answer in a completion's final text as math-verify reads it, and the text it was read from."""
+    if pattern is not None:
+        extracted = extract_final_answer(text, pattern)
+        return (parse_answer(extracted) if extracted is not None else []), extracted
+    answer = parse(text, PREDICTION_CONFIG, extraction_mode="first_match", parsing_timeout=_timeout(10))
+    return answer, next((item for item in reversed(answer) if isinstance(item, str)), None)
 
 
 def judge(
@@ -170,9 +179,9 @@ def judge(
     """Judge one completion against its reference answer; :func:`is_correct` returns the verdict alone.
 
     Only the text after the reasoning is scored (:func:`final_text`); a reasoning that never closes scores 0.
-    ``answer_match="math"``: ``verify(parse_gold(gold), parse(answer))``, gold first as math-verify requires, with
-    the answer extracted by lighteval's configuration (:data:`PREDICTION_CONFIG`) or, with ``answer_pattern``, by
-    that regex (then parsed like a bare gold answer); a gold that math-verify cannot parse gives ``correct=None``.
+    ``answer_match="math"``: ``verify(parse_answer(gold), answer)``, gold first as math-verify requires, with the
+    answer extracted by lighteval's configuration (:data:`PREDICTION_CONFIG`) or, with ``answer_pattern``, by that
+    regex and then read by :func:`parse_answer`; a gold that math-verify cannot parse gives ``correct=None``.
     ``"numeric"`` / ``"exact"``: the answer from :func:`extract_final_answer`, compared by :func:`answers_match`.
     """
     if answer_match not in ANSWER_MATCHES:
@@ -181,20 +190,11 @@ def judge(
     if answer_match != "math":
         extracted = None if text is None else extract_final_answer(text, answer_pattern)
         return Judgement(answers_match(extracted, gold, numeric=answer_match == "numeric"), extracted)
-    gold_parsed = parse_gold(gold)
-    if not gold_parsed:
-        return Judgement(None, None if text is None else extract_final_answer(text, answer_pattern))
-    if text is None:
-        return Judgement(False)
-    if answer_pattern is not None:
-        extracted = extract_final_answer(text, answer_pattern)
-        answer = parse_gold(extracted) if extracted is not None else []
-    else:
-        answer = parse(text, PREDICTION_CONFIG, extraction_mode="first_match", parsing_timeout=_timeout(10))
-        extracted = next((item for item in reversed(answer) if isinstance(item, str)), None)
-    if not answer:
-        return Judgement(False, extracted)
-    return Judgement(bool(verify(gold_parsed, answer, timeout_seconds=_timeout(5))), extracted)
+    answer, extracted = ([], None) if text is None else _math_answer(text, answer_pattern)
+    reference = parse_answer(gold)
+    if not reference:
+        return Judgement(None, extracted)
+    return Judgement(bool(answer) and bool(verify(reference, answer, timeout_seconds=_timeout(5))), extracted)
 
 
 def is_correct(
@@ -401,7 +401,7 @@ def check_eval_dataset(
     _, answers = prompts_and_answers(dataset, limit, pattern)
     if answer_match != "math":
         return 0
-    unparsed = [(i, gold) for i, gold in enumerate(answers) if not parse_gold(gold)]
+    unparsed = [(i, gold) for i, gold in enumerate(answers) if not parse_answer(gold)]
     if unparsed:
         logger.warning(
             "%d of %d eval answers cannot be parsed by math-verify (first: row %d, %r); every eval skips them in "

@@ -3,7 +3,8 @@
 ``"fixed"`` (the paper): every round merges with ``teacher_weights``, uniform when unset.
 
 ``"eval_accuracy"``: every round merges with weights proportional to the branches' own greedy accuracy on the
-``eval_dataset`` (the branch evaluation that ``eval_branches`` already runs), uniform when every branch scores 0.
+``eval_dataset`` (the branch evaluation of ``eval_branches="all"``, its default then), uniform when every branch
+scores 0.
 Where the teachers write formats the student learns unequally well, a uniform average gives the ones it cannot
 learn an equal share of every merge. On SmolLM2-135M with four correct teachers of four formats, two of which it
 barely learns, this rule scored 0.653 against the uniform average's 0.533 and the best single teacher's 0.640 (3
