@@ -24,6 +24,9 @@ _PUBLIC = {
     "MoTConfig": "mot_config",
     "MoTTrainer": "mot_trainer",
     "load_teachers": "sources",
+    "load_eval_set": "sources",
+    "TeacherConfig": "sources",
+    "EvalSetConfig": "sources",
     "merge_round": "merging",
     "STUDENTS": "students",
     "smollm2_135m": "students",
@@ -32,10 +35,13 @@ _PUBLIC = {
 
 __all__ = [
     "STUDENTS",
+    "EvalSetConfig",
+    "TeacherConfig",
     "LowRankDelta",
     "MoTCallback",
     "MoTConfig",
     "MoTTrainer",
+    "load_eval_set",
     "load_teachers",
     "merge_round",
     "smollm2_135m",
@@ -45,7 +51,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .callbacks import MoTCallback
-    from .sources import load_teachers
+    from .sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers
     from .merging import LowRankDelta, merge_round
     from .mot_config import MoTConfig
     from .mot_trainer import MoTTrainer
