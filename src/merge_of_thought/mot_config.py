@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from . import distributed
+from . import devices, distributed
 from .branches import BRANCH_STATES
 from .frozen import FROZEN_DELTA
 from .weighting import TEACHER_WEIGHTINGS
@@ -197,6 +197,7 @@ class MoTConfig(SFTConfig):
 
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
+        devices.check_mixed_precision(self.bf16, self.fp16, self.use_cpu)  # before transformers' vaguer error
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
             logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
@@ -210,7 +211,8 @@ class MoTConfig(SFTConfig):
         _read_checkpointing_alias(self)
         if isinstance(self.teacher_weights, str):
             self.teacher_weights = json.loads(self.teacher_weights)
-        super().__post_init__()
+        with distributed.device_setup_on_pinned_gpu():
+            super().__post_init__()
         distributed.pin_device(self)
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
