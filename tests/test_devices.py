@@ -65,12 +65,13 @@ def test_building_configs_under_a_launcher_never_selects_gpu_0(launched, two_gpu
     SFTConfig(output_dir=str(tmp_path), bf16=False, report_to=[])
     assert torch.device("cuda:0") in two_gpus  # transformers' single-process set-up, left alone: GPU 0
     two_gpus.clear()
+    set_device = torch.cuda.set_device
     with distributed.device_setup_on_pinned_gpu():
         sft = distributed.pin_device(SFTConfig(output_dir=str(tmp_path), bf16=False, report_to=[]))
     config = MoTConfig(output_dir=str(tmp_path), bf16=False, report_to=[])
     assert two_gpus and set(two_gpus) == {torch.device("cuda:1")}, two_gpus
     assert sft.device == config.device == torch.device("cuda:1") and config.n_gpu == 1
-    assert torch.cuda.set_device is not distributed.device_setup_on_pinned_gpu  # put back, not left redirected
+    assert torch.cuda.set_device is set_device  # put back, not left redirected
 
 
 def test_without_a_launcher_the_device_setup_is_transformers_own(two_gpus, monkeypatch, tmp_path):

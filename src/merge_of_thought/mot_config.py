@@ -61,6 +61,9 @@ class MoTConfig(SFTConfig):
             warns about it in every branch).
         gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
             `activation_checkpointing` (its new name), so either key works without transformers' FutureWarning.
+        per_device_eval_batch_size (`int`): the generation batch of the accuracy eval; the eval-loss pass runs at
+            most `per_device_train_batch_size` rows, whose full-length logits training showed fit (devices.py).
+        bf16 on a CUDA GPU without bf16 (T4, RTX 20xx): raises, saying to set `bf16=False, fp16=True`.
 
     MoT parameters:
         num_rounds (`int`, defaults to `5`): rounds of branch-train-merge.
