@@ -130,8 +130,8 @@ def tf32_install(ctx: Context) -> dict:
     size, rank = (512, 64) if ctx.tiny else (4096, 64)
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(size, size, generator=generator)
-    delta = {"proj": LowRankDelta(torch.randn(size, rank, generator=generator) * 1e-2,
-                                  torch.randn(rank, size, generator=generator) * 1e-2)}  # fmt: skip
+    delta = {"proj": LowRankDelta(torch.randn(size, rank, generator=generator) * 3e-2,
+                                  torch.randn(rank, size, generator=generator) * 3e-2)}  # fmt: skip
     merged, _ = merge_round(None, [delta], [1.0])
     reference = base.double() + merged["proj"].B.double() @ merged["proj"].A.double()
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
@@ -160,7 +160,7 @@ def tf32_install(ctx: Context) -> dict:
               "setting_kept": setting_kept}  # fmt: skip
     assert installed < 1e-7, f"the install ran below fp32: {installed:.2e}"
     if not ctx.tiny:  # the card ran the plain product in TF32, so the check above could fail
-        assert result["plain_addmm_relative_error"] > 10 * installed, result
+        assert result["plain_addmm_relative_error"] > 5 * installed, result
     assert result["setting_kept"], "the user's TF32 setting was not put back"
     return result
 
@@ -293,7 +293,8 @@ def mot_end_to_end(ctx: Context) -> dict:
                          eval_accuracy_samples=2 if ctx.tiny else 4, eval_max_new_tokens=8 if ctx.tiny else 12,
                          branch_state=branch_state, bf16=not ctx.tiny, use_cpu=ctx.tiny,
                          report_to=[], disable_tqdm=True, logging_steps=1, seed=0)  # fmt: skip
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        # r=3: merged ranks of 6 and 12, which only the padding makes multiples of 8 on the card
+        lora = LoraConfig(r=3, lora_alpha=6, lora_dropout=0.0, target_modules="all-linear")
         trainer = MoTTrainer(str(folder / "student"), args=args, teachers=teachers, processing_class=tokenizer,
                              peft_config=lora, quantization_config=quantization,
                              eval_dataset=sums(0, 8, 9))  # fmt: skip
