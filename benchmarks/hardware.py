@@ -44,12 +44,25 @@ def cpu_flags() -> set[str]:
     return set(_cpuinfo().split())
 
 
+def gpu_name() -> str | None:
+    """The CUDA GPU a run would train on (the current device), or None on a machine without one."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def identity() -> dict:
-    """The CPU and the numeric libraries that, besides the seed, decide a run's floating-point results."""
+    """The CPU, the GPU if there is one, and the numeric libraries that, besides the seed, decide a run's
+    floating-point results. (A CPU-only machine's identity has no GPU key, so runs cached before GPUs were named
+    keep their folder.)"""
     flags = cpu_flags()
-    return {"cpu": cpu_name(), "cpu_generation": cpu_generation(),
-            "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
-            **{lib: importlib.metadata.version(lib) for lib in ("torch", "bitsandbytes", "transformers", "peft")}}
+    machine = {"cpu": cpu_name(), "cpu_generation": cpu_generation(),
+               "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+               **{lib: importlib.metadata.version(lib) for lib in ("torch", "bitsandbytes", "transformers", "peft")}}
+    gpu = gpu_name()
+    if gpu is not None:
+        machine["gpu"] = gpu
+    return machine
 
 
 def identity_tag(machine: dict) -> str:
@@ -62,7 +75,8 @@ def describe(machine: dict) -> str:
     flags = ", ".join(machine["cpu_flags"]) or "none of " + ", ".join(KERNEL_FLAGS)
     libraries = ", ".join(f"{lib} {machine[lib]}" for lib in ("torch", "bitsandbytes", "transformers", "peft"))
     generation = f", {machine['cpu_generation']}" if "cpu_generation" in machine else ""  # absent before 2026-12-02
-    return f"{machine['cpu']}{generation} ({flags}); {libraries}"
+    gpu = f"; GPU: {machine['gpu']}" if machine.get("gpu") else ""
+    return f"{machine['cpu']}{generation} ({flags}){gpu}; {libraries}"
 
 
 def keep_freed_memory() -> None:

@@ -130,7 +130,7 @@ def test_launcher_env_is_hidden_from_transformers(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     config = MoTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     port = int(os.environ["MASTER_PORT"])
-    assert distributed.detach_from_launcher() == distributed.LauncherEnv(1, 2, 1, "127.0.0.1", port)
+    assert distributed.detach_from_launcher() == distributed.LauncherEnv(1, 2, 1, "127.0.0.1", port, local_world_size=2)
     assert not any(key in os.environ for key in distributed.LAUNCHER_VARIABLES)
     assert config.world_size == 1 and config.process_index == 0 and not torch.distributed.is_initialized()
 

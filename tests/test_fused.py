@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from merge_of_thought import adapters
+from merge_of_thought.fused import FrozenDeltaPass
 from merge_of_thought.merging import LowRankDelta
 
 from helpers import quick_lora
@@ -28,11 +29,14 @@ def student_with_merged(qwen3_dir, load: dict, rank: int = 6):
     return adapters.install_merged(model, merged, None, "CAUSAL_LM")
 
 
-def branch_step(model, one_pass: bool, dropout: float, autocast: bool = False):
+def branch_step(model, one_pass: bool, dropout: float, autocast: bool = False, checkpointing: dict | None = None):
     """Attach a branch (B nonzero, so it matters), run one forward and backward; return the logits, the branch's
-    gradients and the adapters each layer had active."""
+    gradients and the adapters each layer had active. ``checkpointing``: gradient checkpointing's kwargs, if on."""
     model = adapters.add_branch_adapter(model, "branch", quick_lora(lora_dropout=dropout, task_type="CAUSAL_LM"),
                                         seed=0, one_pass=one_pass)  # fmt: skip
+    if checkpointing is not None:  # as the Trainer sets it up for a PEFT model (TRL's default: on)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
     generator = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B.branch" in name:
@@ -46,6 +50,9 @@ def branch_step(model, one_pass: bool, dropout: float, autocast: bool = False):
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     active = {tuple(layer.active_adapters) for layer in adapters.lora_layers(model).values()}
     logits = out.logits.detach().float()
+    if checkpointing is not None:
+        model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
     adapters.remove_adapter(model, "branch")
     return logits, grads, active
 
@@ -98,3 +105,30 @@ def test_switching_back_to_two_passes_does_not_count_the_merged_delta_twice(qwen
     adapters.remove_adapter(model, "branch")
     again, _, _ = branch_step(model, one_pass=False, dropout=0.0)
     torch.testing.assert_close(again, two_logits)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_one_pass_under_gradient_checkpointing_computes_what_two_passes_compute(
+    qwen3_dir, precision, use_reentrant, monkeypatch
+):
+    """Checkpointing re-runs each layer's forward (the one-pass Function included) inside the backward: the
+    branch's gradients must still be the two-pass reference's, with dropout masks replayed as they were drawn."""
+    model = student_with_merged(qwen3_dir, STUDENTS[precision])
+    plain_logits, plain_grads, _ = branch_step(model, one_pass=False, dropout=0.2)
+    checkpointing = {"use_reentrant": use_reentrant}
+    two_logits, two_grads, _ = branch_step(model, one_pass=False, dropout=0.2, checkpointing=checkpointing)
+    calls, forward = [], FrozenDeltaPass.forward
+    monkeypatch.setattr(FrozenDeltaPass, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    one_logits, one_grads, _ = branch_step(model, one_pass=True, dropout=0.2, checkpointing=checkpointing)
+    layers = len(adapters.lora_layers(model))
+    assert len(calls) == 2 * layers  # each layer's one pass ran again in the backward: checkpointing was on
+    assert model.base_model.model.model.gradient_checkpointing is False  # switched off again after each step
+    assert sorted(one_grads) == sorted(two_grads) == sorted(plain_grads)
+    assert all("branch" in name for name in one_grads)
+    for reference in (two_grads, plain_grads):  # and checkpointing itself changes nothing
+        for name, grad in reference.items():
+            error = (one_grads[name] - grad).norm() / grad.norm()
+            assert error < 1e-5, f"{name}: {error:.2e}"
+    assert (one_logits - two_logits).norm() / two_logits.norm() < 1e-5
+    assert (one_logits - plain_logits).norm() / plain_logits.norm() < 1e-5

@@ -9,6 +9,7 @@ saves, loads and exports with PEFT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,10 +218,11 @@ def detach_adapter(model: PeftModel, adapter: str) -> AdapterWeights:
 
 
 def merged_adapter_config(
-    merged: Mapping[str, LowRankDelta], base_model_name_or_path: str | None
+    merged: Mapping[str, LowRankDelta], base_model_name_or_path: str | None, rank_multiple: int = 1
 ) -> LoraConfig:
-    """A plain LoRA config that reproduces ``merged`` with scaling 1, padded to one rank for every layer."""
-    rank = max(d.rank for d in merged.values())
+    """A plain LoRA config that reproduces ``merged`` with scaling 1, padded to one rank for every layer (rounded up
+    to a multiple of ``rank_multiple``)."""
+    rank = math.ceil(max(d.rank for d in merged.values()) / rank_multiple) * rank_multiple
     return LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -256,13 +258,15 @@ def install_merged(
     base_model_name_or_path: str | None,
     task_type: str | None = None,
     dtype: torch.dtype = torch.float32,
+    rank_multiple: int = 1,
 ) -> PeftModel:
     """Replace the frozen merged-state adapter with ``merged``, its factors in ``dtype`` (fp32 unless a mixed-precision
-    run computes them in bf16 or fp16; frozen.py), whatever the base precision.
+    run computes them in bf16 or fp16; frozen.py), whatever the base precision; its rank is padded with zeros to a
+    multiple of ``rank_multiple`` (the product, and what is saved, are unchanged).
 
     A plain model (a resumed run) is wrapped with ``task_type``, the PeftModel class its branches would create.
     """
-    config = merged_adapter_config(merged, base_model_name_or_path)
+    config = merged_adapter_config(merged, base_model_name_or_path, rank_multiple)
     # low_cpu_mem_usage: the adapter is created on the meta device, not initialised and then overwritten (at round 5
     # of K=4, r=16 that initialisation alone was as large as the whole merged delta)
     if not isinstance(model, PeftModel):

@@ -18,10 +18,11 @@ The factors are fp32 CPU tensors already (:mod:`.adapters`), so gloo serves GPU 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ class LauncherEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    local_world_size: int = 1  # the processes on this machine, which share its cores and GPUs
 
 
 _launcher: LauncherEnv | None = None
@@ -96,6 +98,7 @@ def detach_from_launcher() -> LauncherEnv | None:
         local_rank=int(os.environ["LOCAL_RANK"]),
         master_addr=os.environ["MASTER_ADDR"],
         master_port=int(os.environ["MASTER_PORT"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
     )
     for variable in LAUNCHER_VARIABLES:
         os.environ.pop(variable, None)
@@ -104,11 +107,39 @@ def detach_from_launcher() -> LauncherEnv | None:
     return _launcher
 
 
+def launcher() -> LauncherEnv | None:
+    """This process's place in the launch that :func:`detach_from_launcher` recorded; ``None`` without one."""
+    return _launcher
+
+
 def pinned_device() -> torch.device | None:
     """``cuda:LOCAL_RANK`` for a process started by a launcher on a GPU machine; ``None`` otherwise."""
     if _launcher is None or not torch.cuda.is_available():
         return None
     return torch.device("cuda", _launcher.local_rank % torch.cuda.device_count())
+
+
+@contextlib.contextmanager
+def device_setup_on_pinned_gpu() -> Iterator[None]:
+    """Build TrainingArguments (an SFTConfig, a MoTConfig) inside this, and its device set-up stays on this
+    process's GPU.
+
+    transformers' set-up of a single-process run calls ``torch.cuda.set_device("cuda:0")`` whenever a
+    TrainingArguments is built, and with the launch hidden every MoT process looks single-process: each would
+    make a CUDA context on GPU 0 (~0.5 GB each) after it pinned ``cuda:LOCAL_RANK``. Here that call selects the
+    pinned GPU instead; :func:`pin_device` then corrects the device the arguments report. A no-op without a
+    launcher or GPU.
+    """
+    device = pinned_device()
+    if device is None:
+        yield
+        return
+    set_device = torch.cuda.set_device
+    torch.cuda.set_device = lambda _requested: set_device(device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_device = set_device
 
 
 def pin_device(args: TrainingArguments) -> TrainingArguments:
@@ -257,12 +288,23 @@ class MoTProcessGroup:
         return [o[: int(s)] for o, s in zip(out, sizes)]
 
 
-def process_group(timeout_seconds: float = 1800) -> MoTProcessGroup:
+# MoT's collectives wait for whole branches (the others' gather) and for process 0's round evaluation (everyone's
+# broadcast): one 8B branch on a GPU, or a round's generation eval, takes longer than ddp_timeout's 1800 s, which is
+# sized for one step's all-reduce. If a process dies, torchrun ends the others, so this only bounds a real hang.
+MIN_GROUP_TIMEOUT = timedelta(hours=24)
+
+
+def group_timeout(ddp_timeout_seconds: float) -> timedelta:
+    """The private group's timeout: ``ddp_timeout``, but at least :data:`MIN_GROUP_TIMEOUT`."""
+    return max(timedelta(seconds=ddp_timeout_seconds), MIN_GROUP_TIMEOUT)
+
+
+def process_group(ddp_timeout_seconds: float = 1800) -> MoTProcessGroup:
     """This process's :class:`MoTProcessGroup`: created once (the launcher's store admits one rendezvous)."""
     global _group
     if _group is None:
         env = detach_from_launcher()
-        timeout = timedelta(seconds=timeout_seconds)
+        timeout = group_timeout(ddp_timeout_seconds)
         _group = MoTProcessGroup() if env is None else MoTProcessGroup.from_launcher(env, timeout)
     return _group
 

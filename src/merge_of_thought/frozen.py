@@ -9,7 +9,8 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
   Its factors are fp32, or under bf16/fp16 mixed precision the autocast dtype the pass computes them in anyway.
 - ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
   cost at all. Each install adds the change since the last one, new minus old factors as one fp32 product
-  accumulated into the weights (``addmm_``), so each round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a
+  accumulated into the weights (``addmm_``, in true fp32 even where the user turned TF32 on: devices.py), so each
+  round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a
   delta of 1e-3 ``|W|``), far inside the merge's 1e-3 fidelity bound. bf16 and 4-bit weights cannot hold a delta
   that small (bf16 loses 78% of a 1e-3 delta).
 - ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
@@ -28,7 +29,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from . import adapters
+from . import adapters, devices
 from .merging import LowRankDelta, concatenate
 
 FROZEN_DELTA = ("auto", "adapter", "weights")
@@ -86,10 +87,11 @@ class FrozenDelta:
     ) -> PreTrainedModel | PeftModel:
         if self.home == "adapter":
             return adapters.install_merged(
-                model, delta, self.base_model_name_or_path, self.task_type, dtype=self.adapter_dtype
+                model, delta, self.base_model_name_or_path, self.task_type, dtype=self.adapter_dtype,
+                rank_multiple=self._rank_multiple(model),
             )
         model = unwrap(model)
-        with torch.no_grad():
+        with torch.no_grad(), devices.exact_fp32_matmul():  # TF32 would round the change to ~1e-3
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight
                 parts = [delta[name]] if name in delta else []
@@ -100,6 +102,15 @@ class FrozenDelta:
         self._in_weights = delta  # a mapping: it may read each layer from a checkpoint when asked (SavedDelta)
         setattr(model, HOLDS_DELTA, True)
         return model
+
+
+    def _rank_multiple(self, model: PreTrainedModel | PeftModel) -> int:
+        """Pad the adapter's rank to a multiple of 8 (exact: zero rows and columns) where its factors are copies
+        anyway (bf16/fp16, or on a GPU), so its products fill tensor cores; an fp32 adapter on the CPU shares the
+        merged factors' memory as they are."""
+        if self.adapter_dtype == torch.float32 and all(p.device.type == "cpu" for p in model.parameters()):
+            return 1
+        return devices.TENSOR_CORE_MULTIPLE
 
 
 def check_unchanged(model: PreTrainedModel | str) -> None:

@@ -42,13 +42,31 @@ class DivergenceGuard(TrainerCallback):
         self._check(weights, state.global_step, "the optimizer update made adapter weight {name} {kind}")
 
     def _check(self, tensors: dict[str, torch.Tensor], step: int, what: str) -> None:
-        if not tensors:
-            return
-        finite = torch.stack([t.isfinite().all() for t in tensors.values()])
-        if not bool(finite.all()):
-            name = list(tensors)[int((~finite).nonzero()[0])]
+        name = first_non_finite(tensors)
+        if name is not None:
             kind = "NaN" if bool(tensors[name].isnan().any()) else "inf"
             raise BranchDivergedError(self.teacher, self.round, step, what.format(name=name, kind=kind))
+
+
+def by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[str]]:
+    """The tensors' names grouped by the device they live on, in order (a model that ``device_map="auto"`` spread
+    over several GPUs has its layers, and their adapters, on each of them)."""
+    groups: dict[torch.device, list[str]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault(tensor.device, []).append(name)
+    return groups
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of a tensor holding a NaN or inf (the first such on the first device that has one), or None.
+
+    One reduction and one host sync per device: ``torch.stack`` refuses flags that live on different devices.
+    """
+    for names in by_device(tensors).values():
+        finite = torch.stack([tensors[name].isfinite().all() for name in names])
+        if not bool(finite.all()):
+            return names[int((~finite).nonzero()[0])]
+    return None
 
 
 def checkpoint_bytes(

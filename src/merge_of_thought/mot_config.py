@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from . import distributed
+from . import devices, distributed
 from .branches import BRANCH_STATES
 from .evaluation import ANSWER_MATCHES
 from .frozen import FROZEN_DELTA
@@ -92,6 +92,9 @@ class MoTConfig(SFTConfig):
             warns about it in every branch).
         gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
             `activation_checkpointing` (its new name), so either key works without transformers' FutureWarning.
+        per_device_eval_batch_size (`int`): the generation batch of the accuracy eval; the eval-loss pass runs at
+            most `per_device_train_batch_size` rows, whose full-length logits training showed fit (devices.py).
+        bf16 on a CUDA GPU without bf16 (T4, RTX 20xx): raises, saying to set `bf16=False, fp16=True`.
 
     MoT parameters:
         num_rounds (`int`, defaults to `5`): rounds of branch-train-merge.
@@ -264,6 +267,7 @@ class MoTConfig(SFTConfig):
 
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
+        devices.check_mixed_precision(self.bf16, self.fp16, self.use_cpu)  # before transformers' vaguer error
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
             logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
@@ -277,7 +281,8 @@ class MoTConfig(SFTConfig):
         _read_checkpointing_alias(self)
         if isinstance(self.teacher_weights, str):
             self.teacher_weights = json.loads(self.teacher_weights)
-        super().__post_init__()
+        with distributed.device_setup_on_pinned_gpu():
+            super().__post_init__()
         distributed.pin_device(self)
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")

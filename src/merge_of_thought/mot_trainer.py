@@ -37,7 +37,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, branches, collection, distributed, frozen, quantization, weighting
+from . import adapters, branches, collection, devices, distributed, frozen, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
@@ -221,9 +221,10 @@ class MoTTrainer:
                 teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
-                self.merged, reports = merge_round(
-                    self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance
-                )
+                with devices.merge_threads():  # float64 QR/SVD: all of this process's cores, also under torchrun
+                    self.merged, reports = merge_round(
+                        self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance
+                    )
                 self._save_round(round_idx, reports, teachers, weights)
                 self.merged = self._kept_merged(round_idx, self.merged)  # in memory, or read from that checkpoint
                 self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
@@ -331,9 +332,11 @@ class MoTTrainer:
         fields.update(save_strategy="no", push_to_hub=False, eval_strategy="no", load_best_model_at_end=False)
         fields.update(model_init_kwargs=None)  # the model is loaded already: TRL would warn that it ignores them
         fields.update(overrides)
+        with distributed.device_setup_on_pinned_gpu():
+            config = distributed.pin_device(SFTConfig(**fields))
         trainer = SFTTrainer(
             model=self.model,
-            args=distributed.pin_device(SFTConfig(**fields)),
+            args=config,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.processing_class,
@@ -432,6 +435,7 @@ class MoTTrainer:
             eval_dataset=rows,
             output_dir=str(self.run.root),  # evaluate() writes nothing there; an eval/ folder would stay empty
             report_to=[],
+            per_device_eval_batch_size=devices.eval_loss_batch_size(self.args),  # logits of at most a train batch
         )
         self._eval_tokenized = trainer.eval_dataset
         return trainer.evaluate()["eval_loss"]
