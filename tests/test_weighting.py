@@ -10,7 +10,7 @@ from datasets import Dataset
 from merge_of_thought import MoTTrainer
 from merge_of_thought.demo.student import DEMO_STUDENT_DIR
 from merge_of_thought.guards import BranchDivergedError
-from merge_of_thought.weighting import round_weights
+from merge_of_thought.weighting import averaging_warning, round_weights
 
 from helpers import dense_adapter, quick_config, quick_lora
 from test_reliability import PoisonBranch, max_abs_diff
@@ -118,3 +118,22 @@ def test_a_resumed_round_merges_with_the_scores_of_the_branches_it_reuses(refere
     assert not (tmp_path / "round-002" / "branch-three" / "adapter_model.safetensors").exists()
     weighted_run(tmp_path).train(resume_from_checkpoint=True)
     assert max_abs_diff(reference[1], tmp_path) <= 1e-6
+
+
+def test_a_merged_student_clearly_below_its_best_branch_is_warned_about():
+    warning = averaging_warning(3, 0.2, {"a": 0.8, "b": 0.3}, 50)
+    assert warning.startswith("Round 3: the merged student scored 0.200, below its best branch (teacher 'a', 0.800)")
+    assert "teacher_weighting='eval_accuracy'" in warning
+    assert averaging_warning(3, 0.7, {"a": 0.8}, 50) is None  # within two standard errors of 50 samples
+    assert averaging_warning(3, 0.25, {"a": 0.5}, 4) is None  # 4 samples cannot tell 0.5 from 0.25
+    assert averaging_warning(3, None, {"a": 0.8}, 50) is None and averaging_warning(3, 0.1, {}, 50) is None
+
+
+def test_the_round_records_carry_the_warning_where_the_rule_says(reference):
+    _, tmp_path = reference
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for round_idx in (1, 2):
+        branches = [r for r in metrics if r["type"] == "branch" and r["round"] == round_idx]
+        scores = {r["teacher"]: r["eval_accuracy"] for r in branches}
+        record = next(r for r in metrics if r["type"] == "round" and r["round"] == round_idx)
+        assert record.get("averaging_warning") == averaging_warning(round_idx, record["eval_accuracy"], scores, 4)

@@ -177,6 +177,7 @@ class MoTTrainer:
         self._resume = ResumePoint()
         self._restored: dict[str, dict[str, LowRankDelta] | None] = {}  # finished branches of a resumed round
         self._branch_records: dict[str, dict[str, Any]] = {}  # this round's branch records, for the merge weights
+        self._branch_scores: dict[str, float] = {}  # the merged branches' eval accuracies, beside the merged student's
         # branch_state="persistent" (branches.py): this process's branches' factors and optimizer state, and every
         # branch's product P_k after its last round (what the next round's update is measured from)
         self._branch_states: dict[str, BranchState] = {}
@@ -399,6 +400,11 @@ class MoTTrainer:
         metrics = self.evaluate(round_idx)
         if self.last_eval_records:
             evaluation.write_generations(self.run.round_dir(round_idx) / "eval.jsonl", self.last_eval_records)
+        scored = sum(record["correct"] is not None for record in self.last_eval_records)
+        warning = weighting.averaging_warning(round_idx, metrics.get("eval_accuracy"), self._branch_scores, scored)
+        if warning:  # the merged student clearly below its best branch: the teachers do not average
+            logger.warning("%s", warning)
+            metrics["averaging_warning"] = warning
         if metrics:
             self.fire("on_evaluate", self, round_idx=round_idx, metrics=metrics)
         return metrics
@@ -628,6 +634,7 @@ class MoTTrainer:
         weights = weighting.round_weights(
             self.args.teacher_weighting, teachers, [w for _, _, w in kept], self._branch_records
         )  # renormalised over the kept branches when one was dropped
+        self._branch_scores = {t: r["eval_accuracy"] for t, r in self._branch_records.items() if "eval_accuracy" in r}
         self._branch_records = {}
         deltas = [d for _, d, _ in kept]
         if self.args.branch_state == "persistent":  # a branch's products P_k^t; its update is P_k^t - P_k^{t-1}

@@ -41,3 +41,26 @@ def round_weights(
     scores = [float(branch_records[t][key]) for t in teachers]
     total = sum(scores)
     return [s / total if total > 0 else 1.0 / len(teachers) for s in scores]
+
+
+def averaging_warning(
+    round_idx: int, merged: float | None, branches: Mapping[str, float], scored: int
+) -> str | None:
+    """A warning when a round's merged student scores clearly below its best branch: the sign that these teachers'
+    updates do not average (each branch learned something their mean lost). ``merged`` and ``branches`` are eval
+    accuracies over ``scored`` samples; "clearly" means by more than two standard errors of the difference of two
+    binomial accuracies over that many samples, and by at least 0.05.
+    """
+    if merged is None or not branches or scored < 1:
+        return None
+    teacher, best = max(branches.items(), key=lambda item: item[1])
+    noise = 2 * math.sqrt((best * (1 - best) + merged * (1 - merged)) / scored)
+    if best - merged <= max(noise, 0.05):
+        return None
+    return (
+        f"Round {round_idx}: the merged student scored {merged:.3f}, below its best branch (teacher {teacher!r}, "
+        f"{best:.3f}) by more than the noise ({noise:.3f} over {scored} samples): these teachers' updates do not "
+        "average well. Where this happened in this project's benchmarks (four teachers writing four formats), "
+        "teacher_weighting='eval_accuracy' (the merge weighted by the branches' scores) recovered the best "
+        "teacher's accuracy; checking the branches' eval.jsonl for formats the student mixes helps too."
+    )
