@@ -267,6 +267,7 @@ def test_merged_export_of_a_4bit_student_uses_the_unquantized_base(qwen3_dir, tm
     card = ModelCard.load(tmp_path / "adapter" / "README.md").text
     assert "base + this adapter differs from the student as trained" in card and "same quantization config" in card
     assert "student weights: 4-bit (bitsandbytes nf4)" in card
+    assert "merge_of_thought.quantization.keep_4bit_layout(model)" in card and "up to 1.41" in card
 
 
 def test_recorded_ids_are_hub_ids():

@@ -204,6 +204,8 @@ class MoTConfig(SFTConfig):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Let a new run replace a MoT run already in output_dir."}
     )
+    # set by baselines.baseline_run (not a config key): the equal-compute baseline this run is, for mot_run.json
+    baseline: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process

@@ -103,6 +103,7 @@ class MoTTrainer:
                 "eval_dataset: pass an eval_dataset (held-out problems with answers) and no teacher weights."
             )
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
+        self.teacher_sources: dict[str, str] = {}  # teacher -> its files or folder in words (mot train sets both)
         if self.dist.world_size > len(self.teacher_names):
             raise ValueError(
                 f"{self.dist.world_size} processes for {len(self.teacher_names)} teachers: each process trains whole "
@@ -119,6 +120,7 @@ class MoTTrainer:
         self.run.check_writable()
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
+        self._eval_rows = len(eval_dataset) if eval_dataset is not None else 0
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
         self._quantization: dict[str, Any] | None = None  # of the loaded student, for mot_run.json and the cards
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
@@ -473,11 +475,17 @@ class MoTTrainer:
             "exclude_modules",
         )  # fmt: skip
         return {
+            "kind": (self.args.baseline or {}).get("kind", "mot"),  # "mot", or the baseline it is (baselines.py)
+            "baseline": self.args.baseline,
+            "sft_steps": self.args.num_rounds * len(self.teacher_names) * self.args.max_steps,
             "base_model": self.base_model_id,
             "teachers": self.teacher_names,
             "teacher_rows": self._teacher_rows,
             "teacher_weights": self.teacher_weights,
             "teacher_datasets": self.teacher_datasets,
+            "teacher_sources": self.teacher_sources,
+            "evaluation": {"eval_rows": self._eval_rows, **{key: getattr(self.args, key) for key in (
+                "eval_accuracy_samples", "eval_max_new_tokens", "eval_branches", "answer_pattern", "answer_match")}},
             "num_rounds": self.args.num_rounds,
             "steps_per_branch": self.args.max_steps,
             "lora": {key: lora.get(key) for key in shape},

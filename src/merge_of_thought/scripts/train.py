@@ -164,6 +164,16 @@ def hub_dataset_id(spec: DatasetConfig) -> str | None:
     return spec.path
 
 
+def teacher_source(spec: DatasetConfig) -> str:
+    """A teacher's data in words, for mot_run.json and the card: ``org/traces`` or ``json: a.jsonl, b.jsonl``."""
+    files = spec.data_files
+    if isinstance(files, Mapping):
+        files = [f for value in files.values() for f in ([value] if isinstance(value, str) else value)]
+    named = ", ".join([files] if isinstance(files, str) else files or [])
+    where = f" (where {spec.where})" if getattr(spec, "where", None) else ""
+    return (f"{spec.path}: {named}" if named else spec.path) + where
+
+
 def make_parser(prog: str | None = "mot train") -> TrlParser:
     epilog = f"{VERBOSE_FLAG}: on an error, print the full traceback as well as the one-line message."
     return MoTParser((MoTScriptArguments, MoTConfig, ModelConfig), prog=prog, epilog=epilog)
@@ -224,6 +234,7 @@ def train(argv: list[str]) -> int:
         eval_dataset=eval_dataset,
     )
     trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
+    trainer.teacher_sources = {t.teacher: teacher_source(t) for t in script_args.teachers}
     trainer.train()  # resumes when args.resume_from_checkpoint says so (--resume sets it)
     trainer.save_model(training_args.output_dir)
     what = f"The {script_args.baseline.upper()} baseline" if script_args.baseline else "MoT"
