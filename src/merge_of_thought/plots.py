@@ -22,9 +22,12 @@ def pyplot() -> Any | None:
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[tuple[int, float]]], path: Path, ylabel: str, title: str | None = None
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    path: Path,
+    ylabel: str,
+    xlabel: str = "MoT round (0: the starting student)",
 ) -> bool:
-    """One line per label through its ``(round, value)`` points, as a PNG; False when matplotlib is missing."""
+    """One line per label through its ``(x, value)`` points, as a PNG; False when matplotlib is missing."""
     plt = pyplot()
     if plt is None:
         return False
@@ -32,11 +35,9 @@ def plot_curves(
     for label, points in curves.items():
         if points:
             ax.plot([r for r, _ in points], [v for _, v in points], "o-", label=label)
-    ax.set_xlabel("MoT round (0: the starting student)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if title:
-        ax.set_title(title, fontsize="medium")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
