@@ -266,7 +266,8 @@ class MoTTrainer:
         trainer.add_callback(DivergenceGuard(teacher, round_idx))
         trainer.add_callback(CarryOptimizerState(start.optimizer if start else None))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
-        route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
+        steps_before = ((round_idx - 1) * len(self.teacher_names) + k) * self.args.max_steps  # resume-proof
+        route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher, steps_before)
         start = time.perf_counter()
         try:
             output = trainer.train()
