@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -75,6 +77,10 @@ def test_exact_adapter_reproduces_student_with_peft_and_transformers_alone(train
     errors = [float(line) for line in result.stdout.strip().splitlines()[-6:]]
     assert len(errors) == 6 and max(errors) <= 1e-4, errors
     assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in shared[:2]:  # what a user shares is readable as any file they write (safetensors writes 0600)
+        assert stat.S_IMODE((folder / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~mask
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.base_model is None  # a local folder is no Hub id: left out of the metadata
     assert f"the base model in the local folder `{qwen3_dir}` (the export was not told its Hub id" in card.text

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,25 @@ def test_incompatible_folder_is_refused_on_resume(change, field, reference, qwen
     with pytest.raises(ValueError, match=rf"Cannot resume the MoT run in .*\n  {field}: on disk .*, now "):
         trainer.train(resume_from_checkpoint=True)
     assert (reference / "mot_run.json").read_text() == before  # nothing was written
+
+
+def test_resuming_a_finished_run_reads_it_and_writes_nothing(reference, qwen3_dir, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    trainer = small_run(qwen3_dir, folder)
+    rounds = trainer.train(resume_from_checkpoint=True)
+    assert [r["round"] for r in rounds] == [1, 2] and trainer.merged is not None  # the student after round 2
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # no resume line in metrics.jsonl, mot_run.json not rewritten
+
+
+def test_run_files_get_the_mode_the_umask_gives(reference):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(reference).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in reference.rglob("*")}
+    expected = {name: (0o777 if (reference / name).is_dir() else 0o666) & ~mask for name in modes}
+    assert modes == expected and "round-002/merged/adapter_model.safetensors" in modes and "mot_run.json" in modes
 
 
 def test_new_run_in_a_used_folder_needs_overwrite(reference, qwen3_dir, tmp_path):

@@ -80,6 +80,18 @@ def writing(what: str, path: Path) -> Iterator[None]:
         ) from error
 
 
+def umask_mode(*paths: str | os.PathLike) -> None:
+    """Give files and folders the mode an ordinary ``open``/``mkdir`` would: tempfile makes them 0600/0700 and
+    safetensors writes its files 0600, which would leave a run's weights unreadable to the user's group. A folder's
+    own files are included."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        inside = [p for p in Path(path).iterdir() if p.is_file()] if os.path.isdir(path) else []
+        for item in [Path(path), *inside]:
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -103,6 +115,7 @@ def atomic_dir(path: Path, what: str | None = None, last: str | None = None) -> 
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
         try:
             yield tmp
+            umask_mode(tmp)
             files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
             for file in files:
                 with file.open("rb") as f:
@@ -135,6 +148,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}{_TEMP_MARK}") as f:
             try:
+                umask_mode(f.name)
                 json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
                 f.flush()
                 os.fsync(f.fileno())

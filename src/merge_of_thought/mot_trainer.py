@@ -40,7 +40,8 @@ from trl.trainer.utils import create_model_from_path
 from . import adapters, branches, collection, distributed, frozen, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
+from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, umask_mode
+from .checkpointing import write_json_atomic
 from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
@@ -432,6 +433,7 @@ class MoTTrainer:
         folder = Path(output_dir or self.args.output_dir)
         adapters.save_merged(self.merged, folder, self.base_model_id)
         self.processing_class.save_pretrained(folder)
+        umask_mode(folder)
 
     def end(self) -> None:
         """Release the distributed process group at the very end of a script (as ``Trainer.end``)."""
@@ -531,6 +533,9 @@ class MoTTrainer:
         self.dist.barrier()  # every process has read the folder before process 0 changes it
         if restore:
             self._restore(self.run.resume_point(self.teacher_names))
+            if self._resume.rounds_done >= self.args.num_rounds:  # a finished run, read: left as it is
+                self.dist.barrier()
+                return [r for r in self.metrics.read() if r["type"] == "round" and r["round"] <= self.args.num_rounds]
         elif main_process:
             if self.run.has_run():
                 why = "overwrite_output_dir=True" if self.args.overwrite_output_dir else "it completed no branch"
@@ -566,7 +571,8 @@ class MoTTrainer:
             self._restore_branch_states(point.rounds_done, point.branches_done)
         self._resume = point
         logger.info("%s", self._resume_summary(point))
-        self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+        if point.rounds_done < self.args.num_rounds:  # a resume that trains; reading a finished run writes nothing
+            self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
 
     def _resume_summary(self, point: ResumePoint) -> str:
         """What a resume reused from disk and what is left to train, in words."""
