@@ -343,10 +343,21 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys, caplog):
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert "mot: error: output_dir '" in err and "already holds a MoT run (1 round completed)" in err
+    # Epochs are refused with the reason, in the YAML (even TRL's default 3) and as a flag, before anything loads.
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump({**config, "num_train_epochs": 3}))
+    for argv in (["train", "--config", str(tmp_path / "epochs.yaml")], [*train, "--num_train_epochs", "2"]):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        err = capsys.readouterr().err
+        given = ("mot: error: num_train_epochs: 3 in the config file: ", "mot: error: --num_train_epochs: ")
+        assert err.startswith(given)
+        assert "MoT trains every branch for max_steps" in err and err.count("\n") == 1
     assert "Traceback" not in err
     with caplog.at_level(logging.INFO, logger="merge_of_thought"):
         assert cli_main([*train, "--num_rounds", "2", "--resume", "--disable_tqdm", "false"]) == 0
     assert "reusing 1 of 2 rounds and 0 of 2 branches of round 2 from disk; 2 branches left to train" in caplog.text
+    assert ("plan: 2 rounds x 2 teachers x 1 steps = 4 SFT steps (2 to train); 8 sequences per step "
+            "(per_device_train_batch_size 8 x gradient_accumulation_steps 1) of up to 1024 tokens") in caplog.text
     bar = capsys.readouterr().err
     assert " 2/4 [" in bar and " 0/4 [" not in bar  # the bar starts after the rounds reused
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
@@ -365,6 +376,7 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="merge_of_thought"):
         assert cli_main([*train, "--num_rounds", "3", "--resume", "--disable_tqdm", "false"]) == 0
     assert "reusing 2 of 3 rounds and 1 of 2 branches of round 3 (t0) from disk; 1 branch left to train" in caplog.text
+    assert "plan: 3 rounds x 2 teachers x 1 steps = 6 SFT steps (1 to train)" in caplog.text
     bar = capsys.readouterr().err
     assert " 5/6 [" in bar and " 4/6 [" not in bar
     assert [row["teacher"] for row in metrics(tmp_path / "out") if row["type"] == "branch"][-1] == "t1"

@@ -18,6 +18,18 @@ from .weighting import TEACHER_WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
+_DEFAULT_EPOCHS = 3.0  # TrainingArguments' num_train_epochs: a value MoT ignores, so any other one is refused
+
+
+def steps_not_epochs(given: str) -> ValueError:
+    """Why MoT counts steps, not epochs, and what to set instead (``given``: the setting that asked for epochs)."""
+    return ValueError(
+        f"{given}: MoT trains every branch for max_steps SFT steps in every round, not for epochs: a round is a "
+        "fixed number of steps from the current student on each teacher, and the merge averages branches of equal "
+        "length. Set max_steps (steps of one branch in one round; the paper uses 50). One epoch over a teacher of N "
+        "rows is ceil(N / (per_device_train_batch_size x gradient_accumulation_steps)) steps."
+    )
+
 
 def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -226,6 +238,10 @@ class MoTConfig(SFTConfig):
         distributed.pin_device(self)
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
+        if self.max_steps == -1:  # TRL's "train for num_train_epochs"
+            raise steps_not_epochs("max_steps=-1 (train for num_train_epochs)")
+        if self.num_train_epochs != _DEFAULT_EPOCHS:
+            raise steps_not_epochs(f"num_train_epochs={self.num_train_epochs:g}")
         if self.max_steps < 1:
             raise ValueError(
                 f"max_steps must be at least 1 (it counts the SFT steps of one branch in one round), got "

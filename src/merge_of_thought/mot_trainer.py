@@ -541,6 +541,7 @@ class MoTTrainer:
                 why = "overwrite_output_dir=True" if self.args.overwrite_output_dir else "it completed no branch"
                 logger.info("A new MoT run replaces the one in %s (%s).", self.run.root, why)
             self.run.clear()
+        logger.info("%s", self._plan())
         if main_process:
             rank = max([self.peft_config.r, *(self.peft_config.rank_pattern or {}).values()])
             rounds_left = range(self._resume.rounds_done + 1, self.args.num_rounds + 1)
@@ -573,6 +574,20 @@ class MoTTrainer:
         logger.info("%s", self._resume_summary(point))
         if point.rounds_done < self.args.num_rounds:  # a resume that trains; reading a finished run writes nothing
             self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+
+    def _plan(self) -> str:
+        """The run's compute in one line, printed at every start and resume: rounds x teachers x steps, per step."""
+        args, n = self.args, len(self.teacher_names)
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        left = (args.num_rounds - self._resume.rounds_done) * n * args.max_steps
+        left -= len(self._restored) * args.max_steps  # finished branches of a resumed round
+        return (
+            f"plan: {args.num_rounds} rounds x {n} teachers x {args.max_steps} steps = "
+            f"{args.num_rounds * n * args.max_steps} SFT steps ({left} to train); {per_step} sequences per step "
+            f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}) of up to {args.max_length} tokens"
+            + (" packed" if args.packing else "")
+        )
 
     def _resume_summary(self, point: ResumePoint) -> str:
         """What a resume reused from disk and what is left to train, in words."""

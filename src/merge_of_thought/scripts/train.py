@@ -27,7 +27,7 @@ from trl.scripts.utils import DatasetConfig
 from ..checkpointing import RunFolder, resume_target
 from ..sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers, teacher_name
 from ..hub import is_local_path
-from ..mot_config import MoTConfig
+from ..mot_config import MoTConfig, steps_not_epochs
 from .console import VERBOSE_FLAG, run_command
 
 
@@ -135,12 +135,16 @@ class MoTParser(TrlParser):
         unknown = [key for key in kwargs if key not in known]
         if unknown:
             raise self._unknown(unknown, known, "in the config file")
+        if "num_train_epochs" in kwargs:  # even TRL's default value: the user meant epochs, which MoT does not count
+            raise steps_not_epochs(f"num_train_epochs: {kwargs['num_train_epochs']} in the config file")
         return super().set_defaults_with_config(**kwargs)
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
         if not return_remaining_strings:
             _, remaining = self.parse_known_args(args=args)
             flags = [arg.split("=", 1)[0].removeprefix("--") for arg in remaining if arg.startswith("--")]
+            if any(a.split("=", 1)[0] == "--num_train_epochs" for a in args or []):
+                raise steps_not_epochs("--num_train_epochs")
             if remaining:
                 known = {o.removeprefix("--") for a in self._actions for o in a.option_strings if o.startswith("--")}
                 raise self._unknown(flags or remaining, known, "on the command line")
