@@ -176,8 +176,11 @@ def test_incompatible_folder_is_refused_on_resume(change, field, reference, qwen
         config["teacher_weights"] = {"teacher0": 0.7, "teacher1": 0.3}
     before = (reference / "mot_run.json").read_text()
     trainer = quick_trainer(model, teachers, reference, lora=lora, **config)
-    with pytest.raises(ValueError, match=rf"Cannot resume the MoT run in .*\n  {field}: on disk .*, now "):
+    refused = rf"Cannot resume the MoT run in .*\n  {field}: (on disk .*, now |.* -> )"
+    with pytest.raises(ValueError, match=refused) as e:
         trainer.train(resume_from_checkpoint=True)
+    if change == "lora_r":  # only the settings that differ, old -> new
+        assert "\n  lora: r: 4 -> 8 (on disk -> now)\n" in str(e.value)
     assert (reference / "mot_run.json").read_text() == before  # nothing was written
 
 

@@ -362,7 +362,7 @@ class RunFolder:
         saved = self.read_run()
         current = json.loads(json.dumps(dict(info), default=_jsonable))  # compare as JSON, like the saved copy
         differences = [
-            f"  {key}: on disk {saved[key]!r}, now {current.get(key)!r}"
+            f"  {key}: {_changed(saved[key], current.get(key))}"
             for key in IDENTITY_FIELDS
             if key in saved and saved[key] != current.get(key)
         ]
@@ -376,12 +376,16 @@ class RunFolder:
 
     # ------------------------------------------------------------------ before training
     def check_writable(self) -> None:
-        """Create the folder and write a probe file: a clear error now rather than after the first branch."""
+        """Write a probe file in the folder: a clear error now rather than after the first branch. Folders made for
+        the probe are removed again, so a run that fails before it starts leaves none behind."""
+        created = [p for p in [self.root, *self.root.parents] if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=f".write-probe{_TEMP_MARK}") as f:
                 f.write(b"ok")
                 f.flush()
+            for folder in created:  # innermost first; the run writes its folder when it starts
+                folder.rmdir()
         except OSError as error:
             raise CheckpointWriteError(
                 error.errno,
@@ -391,7 +395,8 @@ class RunFolder:
 
     def check_free_space(self, bytes_per_round: int, bytes_left: int) -> None:
         """Error if the disk cannot hold even the next round's adapters; warn if it cannot hold the whole run."""
-        free = shutil.disk_usage(self.root).free
+        existing = next(p for p in [self.root, *self.root.parents] if p.exists())  # a new run's folder may not yet
+        free = shutil.disk_usage(existing).free
         if free < bytes_per_round:
             raise CheckpointWriteError(
                 errno.ENOSPC,
@@ -415,6 +420,14 @@ class ResumePoint:
 
     def branches_finished(self, n_teachers: int) -> int:
         return self.rounds_done * n_teachers + len(self.branches_done) + len(self.branches_dropped)
+
+
+def _changed(on_disk: Any, now: Any) -> str:
+    """``on disk 1, now 2``; for two settings dicts only the keys that differ: ``r: 8 -> 4``."""
+    if isinstance(on_disk, Mapping) and isinstance(now, Mapping):
+        keys = [k for k in {**on_disk, **now} if on_disk.get(k) != now.get(k)]
+        return ", ".join(f"{k}: {on_disk.get(k)!r} -> {now.get(k)!r}" for k in keys) + " (on disk -> now)"
+    return f"on disk {on_disk!r}, now {now!r}"
 
 
 def resume_target(value: bool | str | os.PathLike | None) -> bool | str:

@@ -58,6 +58,25 @@ def is_local_path(name_or_path: str | None) -> bool:
     return os.path.isabs(name) or name.startswith(".") or os.path.isdir(name)
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Refuse, in one line naming it, a model that is neither an existing local folder nor shaped like a Hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isdir(name_or_path):
+        return
+    try:
+        validate_repo_id(name_or_path)
+        hub_shaped = not is_local_path(name_or_path) and not os.path.exists(name_or_path)
+    except HFValidationError:
+        hub_shaped = False
+    if not hub_shaped:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a local folder (none exists there) nor a Hub model id (org/name): "
+            "check model_name_or_path."
+        )
+
+
 def card_data(
     kind: Kind,
     base_model: str | None,

@@ -222,7 +222,8 @@ class MoTConfig(SFTConfig):
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
-            logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
+            # documented above; at INFO it was printed before every command's output, errors included
+            logger.debug("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
         elif self.bf16 and (self.use_cpu or not _has_accelerator()) and not _cpu_has_native_bf16():
             warnings.warn(

@@ -45,6 +45,7 @@ from .checkpointing import write_json_atomic
 from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from .evaluation import generation_accuracy, prompts_and_answers
+from .hub import check_model_source
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
 from .merging import LowRankDelta, kept_norm, merge_round, summarize
 from .metrics import MetricsLog
@@ -129,6 +130,7 @@ class MoTTrainer:
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
         if processing_class is None:  # before the model: its chat template is checked first
+            check_model_source(self.base_model_id)  # one line naming it, not "Repo id must be in the form ..."
             processing_class = AutoTokenizer.from_pretrained(
                 self.base_model_id, trust_remote_code=self.args.trust_remote_code
             )
@@ -144,6 +146,7 @@ class MoTTrainer:
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
             if distributed.model_device_map() is not None:  # under a launcher: this process's GPU only
                 init_kwargs.setdefault("device_map", distributed.model_device_map())
+            check_model_source(model)
             model = create_model_from_path(model, **init_kwargs)
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         targets = adapters.check_targets(model, self.peft_config)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.scripts.utils import DatasetConfig
 
 from ..checkpointing import RunFolder, resume_target
@@ -96,8 +96,13 @@ def as_eval_config(entry: Any) -> EvalSetConfig:
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
-    """`` (did you mean 'num_rounds'?)`` for a close known key, else nothing."""
-    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+    """`` (did you mean 'num_rounds'?)`` for a close known key, else nothing. MoT's and LoRA's own keys come first:
+    ``lora_rank`` means ``lora_r``, not transformers' ``local_rank``."""
+    known = list(known)
+    preferred = [k for k in known if k.startswith("lora_") or k in MOT_KEYS]
+    match = difflib.get_close_matches(key, preferred, n=1, cutoff=0.7) or difflib.get_close_matches(
+        key, known, n=1, cutoff=0.7
+    )
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
@@ -124,6 +129,9 @@ def as_teacher_config(entry: Any, index: int) -> TeacherConfig:
             "teacher_weights: {{name: weight, ...}} instead (the names are the values of the split_by column)."
         )
     return TeacherConfig(**entry)
+
+
+MOT_KEYS = frozenset(f.name for f in fields(MoTConfig) if f.name not in {f.name for f in fields(SFTConfig)})
 
 
 class MoTParser(TrlParser):
