@@ -63,7 +63,9 @@ def test_bad_teacher_weights(weights, message, tmp_path):
     "field, value, message",
     [
         ("num_rounds", 0, "num_rounds must be at least 1"),
-        ("max_steps", -1, "max_steps must be at least 1"),
+        ("max_steps", -1, r"max_steps=-1 \(train for num_train_epochs\): MoT trains every branch for max_steps"),
+        ("num_train_epochs", 1.0, r"num_train_epochs=1: .* One epoch over a teacher of N rows is ceil\(N / "),
+        ("max_steps", 0, "max_steps must be at least 1"),
         ("merge_max_rank", 0, "merge_max_rank"),
         ("merge_tolerance", 0.01, r"merge_tolerance must be in \[0, 1e-3\]"),
         ("merge_step_size", 0.0, "merge_step_size must be a positive number"),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 from merge_of_thought import MoTConfig
 from merge_of_thought.baselines import baseline_run
@@ -47,6 +48,40 @@ def test_mtd_baseline_trains_the_union_for_mots_total_steps(qwen3_dir, tmp_path,
     trained = dense_adapter(tmp_path / "out" / "round-001" / "branch-union")
     assert all(((merged[n] - trained[n]).norm() / trained[n].norm()).item() < 1e-5 for n in trained)
     assert FinishedRun(tmp_path / "out").round == 1
+
+
+def test_a_baseline_is_recorded_carded_and_evaluated_as_one(qwen3_dir, tmp_path):
+    held_out = {"path": "json", "data_files": str(tmp_path / "teacher0.jsonl")}
+    cfg = write_config(tmp_path, qwen3_dir, eval_dataset=held_out, eval_accuracy_samples=2, eval_max_new_tokens=4)
+    assert main(["train", "--config", str(cfg), "--baseline", "mtd"]) == 0
+    run = json.loads((tmp_path / "out" / "mot_run.json").read_text())
+    assert run["kind"] == "mtd" and run["sft_steps"] == 12
+    assert run["baseline"] == {"kind": "mtd", "steps": "mot", "teacher": None, "mot_num_rounds": 2,
+                               "teachers": ["style0", "style1", "style2"], "mot_steps_per_branch": 2}  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    # the one branch is the round's student: evaluated once, after the merge (and the starting student, round 0)
+    assert [(r["type"], r["round"]) for r in records if "eval_loss" in r] == [("round", 0), ("round", 1)]
+    assert main(["export", str(tmp_path / "out"), "--adapter", str(tmp_path / "a"), "--base-model", "org/tiny"]) == 0
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert "distilled from" not in card.text and "Merge-of-Thought (MoT" not in card.text
+    assert "as the MTD baseline (the union of style0, style1, style2; MoT's total compute)" in card.text
+    assert "plain LoRA SFT for 12 steps" in card.text
+    assert "mot-baseline-mtd" in card.data.tags
+    files = "; ".join(f"json: {tmp_path / f'teacher{k}.jsonl'}" for k in range(3))
+    assert f"| union | {files} | 1 |" in card.text  # the data files, not a dash
+    # the card's evaluation: its settings, and the accuracy of every round as a plot
+    assert "- accuracy: greedy generation on 2 rows, at most 4 new tokens" in card.text
+    assert "- held-out rows: 8" in card.text
+    assert "![Eval accuracy per MoT round](mot_accuracy.png)" in card.text
+    assert (tmp_path / "a" / "mot_accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_mot_run_records_its_kind_and_compute(qwen3_dir, tmp_path):
+    cfg = write_config(tmp_path, qwen3_dir, num_rounds=1, max_steps=1)
+    assert main(["train", "--config", str(cfg)]) == 0
+    run = json.loads((tmp_path / "out" / "mot_run.json").read_text())
+    assert run["kind"] == "mot" and run["baseline"] is None and run["sft_steps"] == 1 * 3 * 1
+    assert run["teacher_sources"] == {f"style{k}": f"json: {tmp_path / f'teacher{k}.jsonl'}" for k in range(3)}
 
 
 def test_std_baseline_takes_one_teacher_for_one_branch_path(qwen3_dir, tmp_path):

@@ -89,9 +89,9 @@ def test_hooks_callbacks_tensorboard_and_round_accuracy(qwen3_dir, tokenizer, tm
     assert round0["round"] == 0 and set(round0) == {"type", "round", "eval_loss", "eval_accuracy", "eval_skipped"}
 
     runs = tmp_path / "runs"
-    for teacher in ("a", "b"):  # each branch's curve in its own folder, not overwritten by the next branch
+    for teacher, steps in (("a", [1, 2]), ("b", [3, 4])):  # each branch in its own folder, at the run's global step
         branch = scalars(runs / "round-001" / teacher)
-        assert [step for step, _ in branch["train/loss"]] == [1, 2]
+        assert [step for step, _ in branch["train/loss"]] == steps  # b's curve goes on where a's ended
     mot = scalars(runs / "mot")
     assert [step for step, _ in mot["eval/loss"]] == [0, 1] and [s for s, _ in mot["eval/accuracy"]] == [0, 1]
     assert mot["eval/loss"][1][1] == pytest.approx(rounds[0]["eval_loss"], rel=1e-6)

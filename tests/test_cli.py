@@ -216,7 +216,7 @@ def test_assistant_only_loss_needs_generation_markers_before_the_model_loads(tok
     err = mot_error(capsys, "train", "--config", str(cfg))
     assert f"mot: error: assistant_only_loss=True: the chat template of '{folder}' has no {{% generation %}}" in err
     assert "chat_template_path" in err and "assistant_only_loss=False" in err
-    assert not (tmp_path / "out" / "mot_run.json").exists() and not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # a failed start leaves no folder behind
     (folder / "chat_template.jinja").unlink()  # no template at all: conversational data cannot be tokenized
     err = mot_error(capsys, "train", "--config", str(cfg), "--assistant_only_loss", "false")
     assert "teacher 'c0' is conversational ('messages'), but the tokenizer of" in err and "has no chat template" in err
@@ -294,3 +294,27 @@ def test_train_help_leads_with_mot_settings_and_help_all_lists_everything(capsys
     with pytest.raises(SystemExit):
         main(["train", "--help_all"])
     assert "--learning_rate" in capsys.readouterr().out
+
+
+def test_lora_rank_suggests_lora_r_not_local_rank(tmp_path, capsys):
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path, lora_rank=8)))
+    assert "unknown key in the config file: 'lora_rank' (did you mean 'lora_r'?)" in err
+
+
+def test_a_missing_model_path_is_named_and_leaves_no_folder(tmp_path, capsys):
+    cfg = write_config(tmp_path, output_dir=str(tmp_path / "new" / "out"))
+    capsys.readouterr()  # the data sets' own progress bars
+    err = mot_error(capsys, "train", "--config", str(cfg))
+    assert err.endswith(
+        f"\nmot: error: model {MISSING_MODEL!r} is neither a local folder (none exists there) nor a Hub model id "
+        "(org/name): check model_name_or_path.\n"
+    )
+    assert "No GPU found" not in err  # MoTConfig's CPU default is documented, not printed before every error
+    assert not (tmp_path / "new").exists()  # the output folder the failed start probed is gone again
+
+
+def test_the_single_teacher_hint_is_yaml_for_a_yaml_user(tmp_path, capsys):
+    one = [{"teacher": "t0", "path": "json", "data_files": str(tmp_path / "t0.jsonl")}]
+    make_teacher(0, n=8).to_json(str(tmp_path / "t0.jsonl"))
+    err = mot_error(capsys, "train", "--config", str(write_config(tmp_path, teachers=one)))
+    assert "allow_single_teacher: true in the YAML" in err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -48,24 +50,37 @@ def test_exact_adapter_reproduces_student_with_peft_and_transformers_alone(train
     assert config["base_model_name_or_path"] == qwen3_dir  # the id the run started from
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     save_file({"expected": student_logits(trained, tokenizer), **dict(batch)}, str(tmp_path / "expected.safetensors"))
+    # what a user shares: the exported adapter, `mot merge` of it, and the run's own last round checkpoint
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    shared = [tmp_path / "adapter", tmp_path / "merged", trained.run.merged_dir(2)]
     script = textwrap.dedent(
         f"""
         import sys, torch
-        from peft import PeftModel
+        from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         data = load_file({str(tmp_path / "expected.safetensors")!r})
-        base = AutoModelForCausalLM.from_pretrained({qwen3_dir!r}, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
-        with torch.no_grad():
-            logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        for folder in {[str(f) for f in shared]!r}:
+            auto = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained({qwen3_dir!r}, dtype=torch.float32)
+            plain = PeftModel.from_pretrained(base, folder)
+            assert isinstance(plain, PeftModelForCausalLM), type(plain)  # generate() and the causal-LM helpers
+            for model in (auto, plain):
+                with torch.no_grad():
+                    logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+                print((logits - data["expected"]).abs().max().item())
         assert not any(name.startswith("merge_of_thought") for name in sys.modules), "merge_of_thought was imported"
-        print((logits - data["expected"]).abs().max().item())
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) <= 1e-4
+    errors = [float(line) for line in result.stdout.strip().splitlines()[-6:]]
+    assert len(errors) == 6 and max(errors) <= 1e-4, errors
+    assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in shared[:2]:  # what a user shares is readable as any file they write (safetensors writes 0600)
+        assert stat.S_IMODE((folder / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~mask
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.base_model is None  # a local folder is no Hub id: left out of the metadata
     assert f"the base model in the local folder `{qwen3_dir}` (the export was not told its Hub id" in card.text
@@ -258,6 +273,7 @@ def test_merged_export_of_a_4bit_student_uses_the_unquantized_base(qwen3_dir, tm
     card = ModelCard.load(tmp_path / "adapter" / "README.md").text
     assert "base + this adapter differs from the student as trained" in card and "same quantization config" in card
     assert "student weights: 4-bit (bitsandbytes nf4)" in card
+    assert "merge_of_thought.quantization.keep_4bit_layout(model)" in card and "up to 1.41" in card
 
 
 def test_recorded_ids_are_hub_ids():

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -175,9 +176,31 @@ def test_incompatible_folder_is_refused_on_resume(change, field, reference, qwen
         config["teacher_weights"] = {"teacher0": 0.7, "teacher1": 0.3}
     before = (reference / "mot_run.json").read_text()
     trainer = quick_trainer(model, teachers, reference, lora=lora, **config)
-    with pytest.raises(ValueError, match=rf"Cannot resume the MoT run in .*\n  {field}: on disk .*, now "):
+    refused = rf"Cannot resume the MoT run in .*\n  {field}: (on disk .*, now |.* -> )"
+    with pytest.raises(ValueError, match=refused) as e:
         trainer.train(resume_from_checkpoint=True)
+    if change == "lora_r":  # only the settings that differ, old -> new
+        assert "\n  lora: r: 4 -> 8 (on disk -> now)\n" in str(e.value)
     assert (reference / "mot_run.json").read_text() == before  # nothing was written
+
+
+def test_resuming_a_finished_run_reads_it_and_writes_nothing(reference, qwen3_dir, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(reference, folder)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    trainer = small_run(qwen3_dir, folder)
+    rounds = trainer.train(resume_from_checkpoint=True)
+    assert [r["round"] for r in rounds] == [1, 2] and trainer.merged is not None  # the student after round 2
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # no resume line in metrics.jsonl, mot_run.json not rewritten
+
+
+def test_run_files_get_the_mode_the_umask_gives(reference):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(reference).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in reference.rglob("*")}
+    expected = {name: (0o777 if (reference / name).is_dir() else 0o666) & ~mask for name in modes}
+    assert modes == expected and "round-002/merged/adapter_model.safetensors" in modes and "mot_run.json" in modes
 
 
 def test_new_run_in_a_used_folder_needs_overwrite(reference, qwen3_dir, tmp_path):
@@ -323,10 +346,21 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys, caplog):
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert "mot: error: output_dir '" in err and "already holds a MoT run (1 round completed)" in err
+    # Epochs are refused with the reason, in the YAML (even TRL's default 3) and as a flag, before anything loads.
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump({**config, "num_train_epochs": 3}))
+    for argv in (["train", "--config", str(tmp_path / "epochs.yaml")], [*train, "--num_train_epochs", "2"]):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        err = capsys.readouterr().err
+        given = ("mot: error: num_train_epochs: 3 in the config file: ", "mot: error: --num_train_epochs: ")
+        assert err.startswith(given)
+        assert "MoT trains every branch for max_steps" in err and err.count("\n") == 1
     assert "Traceback" not in err
     with caplog.at_level(logging.INFO, logger="merge_of_thought"):
         assert cli_main([*train, "--num_rounds", "2", "--resume", "--disable_tqdm", "false"]) == 0
     assert "reusing 1 of 2 rounds and 0 of 2 branches of round 2 from disk; 2 branches left to train" in caplog.text
+    assert ("plan: 2 rounds x 2 teachers x 1 steps = 4 SFT steps (2 to train); 8 sequences per step "
+            "(per_device_train_batch_size 8 x gradient_accumulation_steps 1) of up to 1024 tokens") in caplog.text
     bar = capsys.readouterr().err
     assert " 2/4 [" in bar and " 0/4 [" not in bar  # the bar starts after the rounds reused
     assert cli_main([*train, "--num_rounds", "3", "--resume_from_checkpoint", "true"]) == 0
@@ -345,6 +379,7 @@ def test_mot_train_resume(qwen3_dir, tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="merge_of_thought"):
         assert cli_main([*train, "--num_rounds", "3", "--resume", "--disable_tqdm", "false"]) == 0
     assert "reusing 2 of 3 rounds and 1 of 2 branches of round 3 (t0) from disk; 1 branch left to train" in caplog.text
+    assert "plan: 3 rounds x 2 teachers x 1 steps = 6 SFT steps (1 to train)" in caplog.text
     bar = capsys.readouterr().err
     assert " 5/6 [" in bar and " 4/6 [" not in bar
     assert [row["teacher"] for row in metrics(tmp_path / "out") if row["type"] == "branch"][-1] == "t1"

@@ -33,6 +33,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."  # before each module name in a saved adapter's keys
+# What every adapter MoT writes of a merged delta says it is for: MoT distils causal LMs only, and without a task type
+# AutoPeftModelForCausalLM cannot load the adapter and PeftModel.from_pretrained returns a plain PeftModel.
+SAVED_TASK_TYPE = "CAUSAL_LM"
 
 _UNSUPPORTED_LORA_OPTIONS = {
     "use_dora": "DoRA rescales the weight by a trained magnitude, so its change is not a low-rank delta",
@@ -289,9 +292,11 @@ def install_merged(
 
 
 def save_merged(merged: Mapping[str, LowRankDelta], folder: Path, base_model_name_or_path: str | None) -> None:
-    """Write the merged state as a PEFT LoRA adapter that applies to the base model the run started from."""
+    """Write the merged state as a PEFT LoRA adapter that applies to the base model the run started from; it loads
+    with ``AutoPeftModelForCausalLM`` (task type ``CAUSAL_LM``)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = merged_adapter_config(merged, base_model_name_or_path)
+    config.task_type = SAVED_TASK_TYPE
     save_file(merged_state_dict(merged, config.r), folder / ADAPTER_WEIGHTS)
     config.save_pretrained(folder)
 

@@ -11,12 +11,16 @@ it. What differs is the data and the number of steps:
   ``steps="mot"``, MoT's total.
 
 The learning-rate schedule spans the whole baseline run (MoT restarts it every round), as in a plain SFT run.
+Its one branch IS the student of its one round, so it is evaluated once (after the merge), not once as a branch too.
+The config carries :func:`baseline_record` (``args.baseline``): ``mot_run.json`` says ``kind: mtd`` or ``std`` with
+the run it stands in for, and the model card and ``mot compare`` name it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 
@@ -77,9 +81,34 @@ def baseline_run(
                 f"baseline 'std' needs baseline_teacher, one of {', '.join(teachers)}; got {teacher!r}."
             )
         data = {teacher: teachers[teacher]}
-    total = baseline_steps(args, len(teachers), steps or ("mot" if kind == "mtd" else "path"))
+    steps = steps or ("mot" if kind == "mtd" else "path")
+    total = baseline_steps(args, len(teachers), steps)
     config = dataclasses.replace(
         args, num_rounds=1, max_steps=total, allow_single_teacher=True, teacher_weights=None, branch_state="fresh",
-        teacher_weighting="fixed",
+        teacher_weighting="fixed", eval_branches=False,  # the branch is the round's student: one eval, not two
     )
+    config.baseline = baseline_record(kind, list(teachers), args, steps, teacher)
     return data, config
+
+
+def baseline_record(
+    kind: str, teachers: list[str], args: MoTConfig, steps: str, teacher: str | None = None
+) -> dict[str, Any]:
+    """What ``mot_run.json`` says of a baseline: its kind, its data, and the MoT run whose compute it matches."""
+    return {
+        "kind": kind,
+        "steps": steps,
+        "teacher": teacher,
+        "teachers": teachers,  # the teachers of the MoT run it stands in for (MTD trains on their union)
+        "mot_num_rounds": args.num_rounds,
+        "mot_steps_per_branch": args.max_steps,
+    }
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """A baseline in words: ``MTD baseline (the union of a, b, c; MoT's total compute)``."""
+    data = (
+        f"the union of {', '.join(record['teachers'])}" if record["kind"] == "mtd" else f"teacher {record['teacher']}"
+    )
+    compute = "MoT's total compute" if record["steps"] == "mot" else "one MoT branch path"
+    return f"{record['kind'].upper()} baseline ({data}; {compute})"

@@ -84,6 +84,18 @@ def writing(what: str, path: Path) -> Iterator[None]:
         ) from error
 
 
+def umask_mode(*paths: str | os.PathLike) -> None:
+    """Give files and folders the mode an ordinary ``open``/``mkdir`` would: tempfile makes them 0600/0700 and
+    safetensors writes its files 0600, which would leave a run's weights unreadable to the user's group. A folder's
+    own files are included."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        inside = [p for p in Path(path).iterdir() if p.is_file()] if os.path.isdir(path) else []
+        for item in [Path(path), *inside]:
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -107,6 +119,7 @@ def atomic_dir(path: Path, what: str | None = None, last: str | None = None) -> 
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
         try:
             yield tmp
+            umask_mode(tmp)
             files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
             for file in files:
                 with file.open("rb") as f:
@@ -144,6 +157,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}{_TEMP_MARK}") as f:
             try:
+                umask_mode(f.name)
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
@@ -357,7 +371,7 @@ class RunFolder:
         saved = self.read_run()
         current = json.loads(json.dumps(dict(info), default=_jsonable))  # compare as JSON, like the saved copy
         differences = [
-            f"  {key}: on disk {saved[key]!r}, now {current.get(key)!r}"
+            f"  {key}: {_changed(saved[key], current.get(key))}"
             for key in IDENTITY_FIELDS
             if key in saved and saved[key] != current.get(key)
         ]
@@ -371,12 +385,16 @@ class RunFolder:
 
     # ------------------------------------------------------------------ before training
     def check_writable(self) -> None:
-        """Create the folder and write a probe file: a clear error now rather than after the first branch."""
+        """Write a probe file in the folder: a clear error now rather than after the first branch. Folders made for
+        the probe are removed again, so a run that fails before it starts leaves none behind."""
+        created = [p for p in [self.root, *self.root.parents] if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=f".write-probe{_TEMP_MARK}") as f:
                 f.write(b"ok")
                 f.flush()
+            for folder in created:  # innermost first; the run writes its folder when it starts
+                folder.rmdir()
         except OSError as error:
             raise CheckpointWriteError(
                 error.errno,
@@ -386,7 +404,8 @@ class RunFolder:
 
     def check_free_space(self, bytes_per_round: int, bytes_left: int) -> None:
         """Error if the disk cannot hold even the next round's adapters; warn if it cannot hold the whole run."""
-        free = shutil.disk_usage(self.root).free
+        existing = next(p for p in [self.root, *self.root.parents] if p.exists())  # a new run's folder may not yet
+        free = shutil.disk_usage(existing).free
         if free < bytes_per_round:
             raise CheckpointWriteError(
                 errno.ENOSPC,
@@ -410,6 +429,14 @@ class ResumePoint:
 
     def branches_finished(self, n_teachers: int) -> int:
         return self.rounds_done * n_teachers + len(self.branches_done) + len(self.branches_dropped)
+
+
+def _changed(on_disk: Any, now: Any) -> str:
+    """``on disk 1, now 2``; for two settings dicts only the keys that differ: ``r: 8 -> 4``."""
+    if isinstance(on_disk, Mapping) and isinstance(now, Mapping):
+        keys = [k for k in {**on_disk, **now} if on_disk.get(k) != now.get(k)]
+        return ", ".join(f"{k}: {on_disk.get(k)!r} -> {now.get(k)!r}" for k in keys) + " (on disk -> now)"
+    return f"on disk {on_disk!r}, now {now!r}"
 
 
 def resume_target(value: bool | str | os.PathLike | None) -> bool | str:

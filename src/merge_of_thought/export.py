@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import adapters, hub
-from .checkpointing import RUN_FILE, RunFolder, write_json_atomic
+from .checkpointing import RUN_FILE, RunFolder, umask_mode, write_json_atomic
 from .merging import LowRankDelta, MergeReport, recompress, summarize
 from .hub import hub_id, is_local_path
 from .metrics import MetricsLog
@@ -92,6 +92,7 @@ def write_adapter(
     """Write low-rank deltas as a PEFT LoRA adapter (scaling 1) and ``mot_export.json`` with their error report."""
     folder = Path(folder)
     adapters.save_merged(deltas, folder, hub_id(base_model))
+    umask_mode(folder)
     record = {"kind": "adapter", **error_summary(reports), **(extra or {})}
     write_json_atomic(folder / EXPORT_REPORT, record)
     return record
@@ -151,6 +152,7 @@ def save_merged(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     tokenizer.save_pretrained(folder)
+    umask_mode(folder)
     record = {"kind": "merged", "dtype": str(target).removeprefix("torch."), "layers_folded": len(deltas)}
     write_json_atomic(folder / EXPORT_REPORT, {**record, **(extra or {})})
     return model

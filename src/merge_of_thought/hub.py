@@ -16,8 +16,11 @@ from typing import Any, Literal
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 
+from . import plots
+
 PLOT_FILE = "mot_metrics.png"
-PLOT_HINT = '`pip install "merge-of-thought[plot]"` and export again to add it'
+ACCURACY_PLOT_FILE = "mot_accuracy.png"
+PLOT_HINT = f"{plots.PLOT_HINT} and export again to add it"
 NO_PLOT = (
     f"(The plot of the losses per round, `{PLOT_FILE}`, is missing: matplotlib was not installed where this card "
     f"was written. {PLOT_HINT}.)"
@@ -27,6 +30,12 @@ BRANCH_EVAL_NOTE = (
     "score better than the merged student are teachers whose updates the weight average does not reconcile."
 )
 TAGS = ["merge-of-thought", "distillation", "reasoning", "lora"]
+KEEP_4BIT_NOTE = (
+    "On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer in place on its first inference forward, and a "
+    "plain PEFT reload of the 4-bit student then computes other logits (they differed by up to 1.41 from the "
+    "trained student's in our check; 0.0 with the guard). Call `merge_of_thought.quantization.keep_4bit_layout(model)` "
+    "on the loaded 4-bit model before its first forward there."
+)
 CITATION = "Merge-of-Thought distillation: Shen et al., [arXiv:2509.08814](https://arxiv.org/abs/2509.08814)."
 
 Kind = Literal["adapter", "merged"]
@@ -49,8 +58,32 @@ def is_local_path(name_or_path: str | None) -> bool:
     return os.path.isabs(name) or name.startswith(".") or os.path.isdir(name)
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Refuse, in one line naming it, a model that is neither an existing local folder nor shaped like a Hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isdir(name_or_path):
+        return
+    try:
+        validate_repo_id(name_or_path)
+        hub_shaped = not is_local_path(name_or_path) and not os.path.exists(name_or_path)
+    except HFValidationError:
+        hub_shaped = False
+    if not hub_shaped:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a local folder (none exists there) nor a Hub model id (org/name): "
+            "check model_name_or_path."
+        )
+
+
 def card_data(
-    kind: Kind, base_model: str | None, datasets: Sequence[str] = (), relation: str | None = None, **extra: Any
+    kind: Kind,
+    base_model: str | None,
+    datasets: Sequence[str] = (),
+    relation: str | None = None,
+    tags: Sequence[str] = TAGS,
+    **extra: Any,
 ) -> ModelCardData:
     """Hub metadata; a local base path is left out of ``base_model`` (the Hub could not resolve it)."""
     base = hub_id(base_model)
@@ -59,7 +92,7 @@ def card_data(
         base_model_relation=relation or ("adapter" if kind == "adapter" else "finetune"),
         library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="text-generation",
-        tags=TAGS + (["peft"] if kind == "adapter" else ["transformers"]),
+        tags=list(tags) + (["peft"] if kind == "adapter" else ["transformers"]),
         datasets=sorted(set(datasets)) or None,
         **extra,
     )
@@ -130,12 +163,8 @@ def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_metrics(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """Losses per round (mean and per teacher branch, and eval) as a PNG; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
     rounds = [row["round"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -176,9 +205,38 @@ def quantization_note(kind: Kind, quantization: Mapping[str, Any] | None) -> str
     if kind == "adapter":
         note += (
             " To run the student exactly as trained, load the base with the same quantization config before "
-            "attaching the adapter."
+            f"attaching the adapter. {KEEP_4BIT_NOTE}"
         )
     return note
+
+
+def teacher_data(run: Mapping[str, Any]) -> dict[str, str | None]:
+    """Each teacher's data: its Hub data set id, else its files or folder as the run recorded them; an MTD baseline's
+    ``union`` lists every teacher's."""
+    sources = {**(run.get("teacher_sources") or {}), **(run.get("teacher_datasets") or {})}
+    data = {t: sources.get(t) for t in run.get("teachers", [])}
+    baseline = run.get("baseline") or {}
+    if baseline.get("kind") == "mtd":
+        known = [sources[t] for t in baseline["teachers"] if sources.get(t)]
+        data = {t: "; ".join(known) or None for t in data}
+    return data
+
+
+def evaluation_settings(run: Mapping[str, Any]) -> list[str]:
+    """The card's lines on how the student was evaluated (empty when the run had no eval set)."""
+    settings = run.get("evaluation") or {}
+    if not settings.get("eval_rows"):
+        return []
+    lines = [f"- held-out rows: {settings['eval_rows']} (eval loss on all of them, every round and before round 1)"]
+    if settings.get("eval_accuracy_samples"):
+        pattern = settings.get("answer_pattern") or "the last \\boxed{...}, else the text after ####"
+        lines.append(
+            f"- accuracy: greedy generation on {settings['eval_accuracy_samples']} rows, at most "
+            f"{settings.get('eval_max_new_tokens')} new tokens; answer: {pattern}; compared "
+            f"{settings.get('answer_match')}"
+        )
+    lines.append(f"- branches evaluated before each merge: {settings.get('eval_branches')}")
+    return lines
 
 
 def run_card(
@@ -198,6 +256,7 @@ def run_card(
     if by_score:
         weights = {t: f"each round, by the branch's {run['teacher_weighting']}" for t in teachers}
     dataset_ids = dict(run.get("teacher_datasets") or {})
+    baseline = run.get("baseline")
     lora = run.get("lora", {})
     steps = run.get("steps_per_branch")
     lora_config = run.get("lora_config") or lora  # the full LoraConfig; "lora" holds the shape fields only
@@ -210,14 +269,28 @@ def run_card(
             "`mot export --base-model <hub id>`)"
         )
     what = "a LoRA adapter" if kind == "adapter" else "a full model (the MoT delta folded into the base weights)"
+    if baseline:
+        from .baselines import describe as describe_baseline  # baselines imports the trainer's config: not at import
+
+        what = "a LoRA adapter" if kind == "adapter" else "a full model (the LoRA delta folded into the base weights)"
+        about = (
+            f"{what[0].upper()}{what[1:]} trained on top of {on_top} as the {describe_baseline(baseline)} of a "
+            f"Merge-of-Thought run with {len(baseline['teachers'])} teachers ({baseline['mot_num_rounds']} rounds x "
+            f"{baseline['mot_steps_per_branch']} steps per branch): plain LoRA SFT for {steps} steps with the same "
+            "student, LoRA, optimizer and batch, made with the merge-of-thought library, TRL and PEFT. It is the "
+            "comparison point for the MoT run (`mot compare`), not a MoT student."
+        )
+    else:
+        about = (
+            f"{what[0].upper()}{what[1:]} distilled from {len(teachers)} teachers with Merge-of-Thought (MoT, "
+            f"[arXiv 2509.08814](https://arxiv.org/abs/2509.08814)) on top of {on_top}, with the merge-of-thought "
+            "library, TRL and PEFT. Every round trains one LoRA branch per teacher from the current student and "
+            "adds the weighted average of the branch deltas to it."
+        )
     body = [
         f"# {repo_id or folder.name}",
         "",
-        f"{what[0].upper()}{what[1:]} distilled from {len(teachers)} teachers with Merge-of-Thought (MoT, "
-        f"[arXiv 2509.08814](https://arxiv.org/abs/2509.08814)) on top of {on_top}, with the merge-of-thought "
-        "library, TRL and PEFT. Every round "
-        "trains one LoRA branch per teacher from the current student and adds the weighted average of the branch "
-        "deltas to it.",
+        about,
         "",
         usage(kind, base_model, repo_id or "path/to/this/folder"),
         "",
@@ -237,9 +310,8 @@ def run_card(
     if quantized:
         body += ["", quantized]
     body += ["", "## Teachers", ""]
-    body.append(
-        table(["teacher", "data set", "merge weight"], [[t, dataset_ids.get(t), weights.get(t)] for t in teachers])
-    )
+    data_of = teacher_data(run)
+    body.append(table(["teacher", "data", "merge weight"], [[t, data_of.get(t), weights.get(t)] for t in teachers]))
     total = rounds * len(teachers) * steps if steps else None
     body += [
         "",
@@ -276,8 +348,20 @@ def run_card(
         body += ["", f"![Losses per MoT round]({PLOT_FILE})"]
     elif rows:
         body += ["", NO_PLOT]
+    accuracy = {
+        label: [(r["round"], r[key]) for r in rows if r[key] is not None]
+        for label, key in (("student", "eval_accuracy"), ("branches (mean)", "branch_eval_accuracy"))
+    }
+    if accuracy["student"] and plots.plot_curves(accuracy, folder / ACCURACY_PLOT_FILE, "eval accuracy"):
+        body += ["", f"![Eval accuracy per MoT round]({ACCURACY_PLOT_FILE})"]
+    settings = evaluation_settings(run)
+    if settings:
+        body += ["", "## Evaluation", "", *settings]
     body += ["", "## Method", "", CITATION, ""]
-    data = card_data(kind, base_model, [d for d in dataset_ids.values() if d], model_name=repo_id or folder.name)
+    used = set(teachers) | set((baseline or {}).get("teachers", []) if (baseline or {}).get("kind") == "mtd" else ())
+    hub_sets = [d for t, d in dataset_ids.items() if d and t in used]
+    extra = {"tags": TAGS + [f"mot-baseline-{baseline['kind']}"]} if baseline else {}
+    data = card_data(kind, base_model, hub_sets, model_name=repo_id or folder.name, **extra)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
 
 

@@ -50,6 +50,19 @@ def mot_settings(cls: type | None = None) -> list[str]:
             if f.name not in base or f.default != base[f.name].default]  # fmt: skip
 
 
+_DEFAULT_EPOCHS = 3.0  # TrainingArguments' num_train_epochs: a value MoT ignores, so any other one is refused
+
+
+def steps_not_epochs(given: str) -> ValueError:
+    """Why MoT counts steps, not epochs, and what to set instead (``given``: the setting that asked for epochs)."""
+    return ValueError(
+        f"{given}: MoT trains every branch for max_steps SFT steps in every round, not for epochs: a round is a "
+        "fixed number of steps from the current student on each teacher, and the merge averages branches of equal "
+        "length. Set max_steps (steps of one branch in one round; the paper uses 50). One epoch over a teacher of N "
+        "rows is ceil(N / (per_device_train_batch_size x gradient_accumulation_steps)) steps."
+    )
+
+
 def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
@@ -264,12 +277,15 @@ class MoTConfig(SFTConfig):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Let a new run replace a MoT run already in output_dir."}
     )
+    # set by baselines.baseline_run (not a config key): the equal-compute baseline this run is, for mot_run.json
+    baseline: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
         devices.check_mixed_precision(self.bf16, self.fp16, self.use_cpu)  # before transformers' vaguer error
         if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
-            logger.info("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
+            # documented above; at INFO it was printed before every command's output, errors included
+            logger.debug("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
         elif self.bf16 and (self.use_cpu or not _has_accelerator()) and not _cpu_has_native_bf16():
             warnings.warn(
@@ -286,6 +302,10 @@ class MoTConfig(SFTConfig):
         distributed.pin_device(self)
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
+        if self.max_steps == -1:  # TRL's "train for num_train_epochs"
+            raise steps_not_epochs("max_steps=-1 (train for num_train_epochs)")
+        if self.num_train_epochs != _DEFAULT_EPOCHS:
+            raise steps_not_epochs(f"num_train_epochs={self.num_train_epochs:g}")
         if self.max_steps < 1:
             raise ValueError(
                 f"max_steps must be at least 1 (it counts the SFT steps of one branch in one round), got "

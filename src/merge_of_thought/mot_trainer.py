@@ -40,10 +40,12 @@ from trl.trainer.utils import create_model_from_path
 from . import adapters, branches, collection, devices, distributed, frozen, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, write_json_atomic
+from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, umask_mode
+from .checkpointing import write_json_atomic
 from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from . import evaluation
+from .hub import check_model_source
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
 from .merging import LowRankDelta, kept_norm, merge_round, summarize
 from .metrics import MetricsLog
@@ -107,6 +109,7 @@ class MoTTrainer:
             evaluation.check_eval_dataset(eval_dataset, self.args.eval_accuracy_samples, self.args.answer_pattern,
                                           self.args.answer_match)  # fmt: skip
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
+        self.teacher_sources: dict[str, str] = {}  # teacher -> its files or folder in words (mot train sets both)
         if self.dist.world_size > len(self.teacher_names):
             raise ValueError(
                 f"{self.dist.world_size} processes for {len(self.teacher_names)} teachers: each process trains whole "
@@ -123,6 +126,7 @@ class MoTTrainer:
         self.run.check_writable()
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
+        self._eval_rows = len(eval_dataset) if eval_dataset is not None else 0
         self._lora_settings = self.peft_config.to_dict()  # as given: PEFT later expands "all-linear" in place
         self._quantization: dict[str, Any] | None = None  # of the loaded student, for mot_run.json and the cards
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
@@ -130,6 +134,7 @@ class MoTTrainer:
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
         if processing_class is None:  # before the model: its chat template is checked first
+            check_model_source(self.base_model_id)  # one line naming it, not "Repo id must be in the form ..."
             processing_class = AutoTokenizer.from_pretrained(
                 self.base_model_id, trust_remote_code=self.args.trust_remote_code
             )
@@ -145,6 +150,7 @@ class MoTTrainer:
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
             if distributed.model_device_map() is not None:  # under a launcher: this process's GPU only
                 init_kwargs.setdefault("device_map", distributed.model_device_map())
+            check_model_source(model)
             model = create_model_from_path(model, **init_kwargs)
         quantization.keep_4bit_layout(model)  # bitsandbytes' CPU repacking would break every branch after an eval
         targets = adapters.check_targets(model, self.peft_config)
@@ -271,7 +277,8 @@ class MoTTrainer:
         trainer.add_callback(DivergenceGuard(teacher, round_idx))
         trainer.add_callback(CarryOptimizerState(start.optimizer if start else None))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
-        route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
+        steps_before = ((round_idx - 1) * len(self.teacher_names) + k) * self.args.max_steps  # resume-proof
+        route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher, steps_before)
         start = time.perf_counter()
         try:
             output = trainer.train()
@@ -463,6 +470,7 @@ class MoTTrainer:
         folder = Path(output_dir or self.args.output_dir)
         adapters.save_merged(self.merged, folder, self.base_model_id)
         self.processing_class.save_pretrained(folder)
+        umask_mode(folder)
 
     def end(self) -> None:
         """Release the distributed process group at the very end of a script (as ``Trainer.end``)."""
@@ -507,11 +515,17 @@ class MoTTrainer:
             "exclude_modules",
         )  # fmt: skip
         return {
+            "kind": (self.args.baseline or {}).get("kind", "mot"),  # "mot", or the baseline it is (baselines.py)
+            "baseline": self.args.baseline,
+            "sft_steps": self.args.num_rounds * len(self.teacher_names) * self.args.max_steps,
             "base_model": self.base_model_id,
             "teachers": self.teacher_names,
             "teacher_rows": self._teacher_rows,
             "teacher_weights": self.teacher_weights,
             "teacher_datasets": self.teacher_datasets,
+            "teacher_sources": self.teacher_sources,
+            "evaluation": {"eval_rows": self._eval_rows, **{key: getattr(self.args, key) for key in (
+                "eval_accuracy_samples", "eval_max_new_tokens", "eval_branches", "answer_pattern", "answer_match")}},
             "num_rounds": self.args.num_rounds,
             "steps_per_branch": self.args.max_steps,
             "lora": {key: lora.get(key) for key in shape},
@@ -556,11 +570,15 @@ class MoTTrainer:
         self.dist.barrier()  # every process has read the folder before process 0 changes it
         if restore:
             self._restore(self.run.resume_point(self.teacher_names))
+            if self._resume.rounds_done >= self.args.num_rounds:  # a finished run, read: left as it is
+                self.dist.barrier()
+                return [r for r in self.metrics.read() if r["type"] == "round" and r["round"] <= self.args.num_rounds]
         elif main_process:
             if self.run.has_run():
                 why = "overwrite_output_dir=True" if self.args.overwrite_output_dir else "it completed no branch"
                 logger.info("A new MoT run replaces the one in %s (%s).", self.run.root, why)
             self.run.clear()
+        logger.info("%s", self._plan())
         if main_process:
             rank = max([self.peft_config.r, *(self.peft_config.rank_pattern or {}).values()])
             rounds_left = range(self._resume.rounds_done + 1, self.args.num_rounds + 1)
@@ -591,7 +609,22 @@ class MoTTrainer:
             self._restore_branch_states(point.rounds_done, point.branches_done)
         self._resume = point
         logger.info("%s", self._resume_summary(point))
-        self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+        if point.rounds_done < self.args.num_rounds:  # a resume that trains; reading a finished run writes nothing
+            self.metrics.write({"type": "resume", **dataclasses.asdict(point)})
+
+    def _plan(self) -> str:
+        """The run's compute in one line, printed at every start and resume: rounds x teachers x steps, per step."""
+        args, n = self.args, len(self.teacher_names)
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        left = (args.num_rounds - self._resume.rounds_done) * n * args.max_steps
+        left -= len(self._restored) * args.max_steps  # finished branches of a resumed round
+        return (
+            f"plan: {args.num_rounds} rounds x {n} teachers x {args.max_steps} steps = "
+            f"{args.num_rounds * n * args.max_steps} SFT steps ({left} to train); {per_step} sequences per step "
+            f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}) of up to {args.max_length} tokens"
+            + (" packed" if args.packing else "")
+        )
 
     def _resume_summary(self, point: ResumePoint) -> str:
         """What a resume reused from disk and what is left to train, in words."""

@@ -4,7 +4,9 @@ Every branch is a separate SFT run of ``max_steps`` steps, so left alone all bra
 numbers into the same TensorBoard folder. Instead (``<root>`` is ``$TENSORBOARD_LOGGING_DIR`` or
 ``<output_dir>/runs``)::
 
-    <root>/round-001/<teacher>/   the branch's per-step curves (loss, learning_rate, ...), from transformers
+    <root>/round-001/<teacher>/   the branch's per-step curves (loss, learning_rate, ...), from transformers, at
+                                  the run's global SFT step (the steps of every branch before it plus its own), so
+                                  the branches' loss curves follow each other through the whole run
     <root>/mot/                   one point per round: eval/loss, eval/accuracy, merge statistics,
                                   <teacher>/train_loss of each branch and <teacher>/merge_weight (round 0 is
                                   the starting student)
@@ -17,6 +19,7 @@ person (``mot train`` ends with it; ``mot demo`` prints its rows with the same :
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,11 +42,27 @@ def logging_root(args: TrainingArguments) -> Path:
     return Path(env).expanduser() if env else Path(args.output_dir) / "runs"
 
 
-def route_branch_logs(trainer: Trainer, folder: Path) -> None:
-    """Point the branch trainer's TensorBoard callbacks (made from report_to or passed by the user) at ``folder``."""
-    for callback in trainer.callback_handler.callbacks:
+class GlobalStepTensorBoard(TensorBoardCallback):
+    """transformers' TensorBoard callback, logging a branch's step ``s`` at ``steps_before + s``."""
+
+    def __init__(self, steps_before: int = 0):
+        super().__init__()
+        self.steps_before = steps_before
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        state = copy.copy(state)
+        state.global_step += self.steps_before
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def route_branch_logs(trainer: Trainer, folder: Path, steps_before: int = 0) -> None:
+    """Point the branch trainer's TensorBoard callbacks (made from report_to or passed by the user without a writer)
+    at ``folder``, logging at the run's global step: ``steps_before`` (every earlier branch's) plus the branch's."""
+    callbacks = trainer.callback_handler.callbacks
+    for i, callback in enumerate(callbacks):
         if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
-            callback.logging_dir = str(folder)
+            callbacks[i] = GlobalStepTensorBoard(steps_before)  # a new one per branch: the user's stays as given
+            callbacks[i].logging_dir = str(folder)
 
 
 def _numbers(metrics: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:

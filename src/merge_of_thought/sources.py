@@ -85,12 +85,12 @@ def load_spec(spec: Any, streaming: bool = False) -> Dataset:
     return get_dataset(DatasetMixtureConfig(datasets=[plain], streaming=streaming))["train"]
 
 
-def load_teachers(specs: Any) -> dict[str, Dataset]:
+def load_teachers(specs: Any, spec_of: dict[str, Any] | None = None) -> dict[str, Dataset]:
     """Load each data set spec as one teacher, or as one per distinct value of its ``split_by`` column.
 
     ``specs``: TRL's ``DatasetMixtureConfig`` (its ``datasets:`` entries) or a list of ``DatasetConfig`` /
     :class:`TeacherConfig`. Data sets are never concatenated. Names come from :func:`teacher_name` (``split_by``:
-    the column's values); repeated names get ``-2``, ``-3``, ...
+    the column's values); repeated names get ``-2``, ``-3``, ... ``spec_of``, if given, receives each teacher's spec.
     """
     streaming = getattr(specs, "streaming", False)
     specs = list(getattr(specs, "datasets", specs))
@@ -109,6 +109,8 @@ def load_teachers(specs: Any) -> dict[str, Dataset]:
                 n += 1
                 unique = f"{name}-{n}"
             teachers[unique] = part
+            if spec_of is not None:
+                spec_of[unique] = spec
     return teachers
 
 

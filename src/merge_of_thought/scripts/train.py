@@ -23,13 +23,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.scripts.utils import DatasetConfig
 
 from ..checkpointing import RunFolder, resume_target
 from ..sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers, teacher_name
 from ..hub import is_local_path
-from ..mot_config import MoTConfig
+from ..mot_config import MoTConfig, steps_not_epochs
 from ..reporting import rounds_table
 from .console import VERBOSE_FLAG, run_command
 
@@ -99,8 +99,13 @@ def as_eval_config(entry: Any) -> EvalSetConfig:
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
-    """`` (did you mean 'num_rounds'?)`` for a close known key, else nothing."""
-    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+    """`` (did you mean 'num_rounds'?)`` for a close known key, else nothing. MoT's and LoRA's own keys come first:
+    ``lora_rank`` means ``lora_r``, not transformers' ``local_rank``."""
+    known = list(known)
+    preferred = [k for k in known if k.startswith("lora_") or k in MOT_KEYS]
+    match = difflib.get_close_matches(key, preferred, n=1, cutoff=0.7) or difflib.get_close_matches(
+        key, known, n=1, cutoff=0.7
+    )
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
@@ -131,6 +136,9 @@ def as_teacher_config(entry: Any, index: int) -> TeacherConfig:
 
 SFT_CONFIG_DOCS = "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig"
 RUN_KEYS = ("teachers", "eval_dataset", "resume", "dry_run", "baseline", "baseline_teacher", "baseline_steps")
+
+
+MOT_KEYS = frozenset(f.name for f in fields(MoTConfig) if f.name not in {f.name for f in fields(SFTConfig)})
 
 
 class MoTParser(TrlParser):
@@ -174,12 +182,16 @@ class MoTParser(TrlParser):
         unknown = [key for key in kwargs if key not in known]
         if unknown:
             raise self._unknown(unknown, known, "in the config file")
+        if "num_train_epochs" in kwargs:  # even TRL's default value: the user meant epochs, which MoT does not count
+            raise steps_not_epochs(f"num_train_epochs: {kwargs['num_train_epochs']} in the config file")
         return super().set_defaults_with_config(**kwargs)
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
         if not return_remaining_strings:
             _, remaining = self.parse_known_args(args=args)
             flags = [arg.split("=", 1)[0].removeprefix("--") for arg in remaining if arg.startswith("--")]
+            if any(a.split("=", 1)[0] == "--num_train_epochs" for a in args or []):
+                raise steps_not_epochs("--num_train_epochs")
             if remaining:
                 known = {o.removeprefix("--") for a in self._actions for o in a.option_strings if o.startswith("--")}
                 raise self._unknown(flags or remaining, known, "on the command line")
@@ -216,6 +228,22 @@ class _FullHelp(argparse.Action):
         parser.full_help = True
         parser.print_help()
         parser.exit()
+
+
+def teacher_source(spec: DatasetConfig, name: str | None = None) -> str:
+    """A teacher's data in words, for mot_run.json and the card: ``org/traces`` or ``json: a.jsonl, b.jsonl``, with
+    the rows it takes (``where``, or the ``split_by`` value that named teacher ``name``) and its columns."""
+    files = spec.data_files
+    if isinstance(files, Mapping):
+        files = [f for value in files.values() for f in ([value] if isinstance(value, str) else value)]
+    named = ", ".join([files] if isinstance(files, str) else files or [])
+    where = f" (where {spec.where})" if getattr(spec, "where", None) else ""
+    if getattr(spec, "split_by", None):
+        where += f" ({spec.split_by}: {name})"
+    columns = [getattr(spec, key, None) for key in ("prompt_column", "reasoning_column", "completion_column")]
+    if any(columns):
+        where += " (columns " + " + ".join(c for c in columns if c) + ")"
+    return (f"{spec.path}: {named}" if named else spec.path) + where
 
 
 def make_parser(prog: str | None = "mot train") -> TrlParser:
@@ -255,7 +283,8 @@ def train(argv: list[str]) -> int:
         dtype=model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     )
-    teachers = load_teachers(script_args.teachers)
+    spec_of: dict[str, TeacherConfig] = {}
+    teachers = load_teachers(script_args.teachers, spec_of)
     weights = {t.teacher: t.weight for t in script_args.teachers if t.weight is not None}
     if weights and training_args.teacher_weights is None:
         training_args.teacher_weights = weights
@@ -280,7 +309,8 @@ def train(argv: list[str]) -> int:
         quantization_config=get_quantization_config(model_args),
         eval_dataset=eval_dataset,
     )
-    trainer.teacher_datasets = {t.teacher: hub_dataset_id(t) for t in script_args.teachers if hub_dataset_id(t)}
+    trainer.teacher_datasets = {name: hub_dataset_id(t) for name, t in spec_of.items() if hub_dataset_id(t)}
+    trainer.teacher_sources = {name: teacher_source(t, name) for name, t in spec_of.items()}
     trainer.train()  # resumes when args.resume_from_checkpoint says so (--resume sets it)
     trainer.save_model(training_args.output_dir)
     what = f"The {script_args.baseline.upper()} baseline" if script_args.baseline else "MoT"
