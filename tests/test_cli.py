@@ -282,6 +282,41 @@ def test_the_bitsandbytes_kernels_notice_alone_is_dropped(caplog):
     assert "kernels-community" not in caplog.text and "some other bitsandbytes warning" in caplog.text
 
 
+def test_the_kernels_trust_notice_for_bitsandbytes_alone_is_dropped(caplog):
+    from merge_of_thought import library_noise
+
+    logger = logging.getLogger(library_noise.KERNELS_HUB_LOGGER)  # kernels' logger, as bitsandbytes' import reaches it
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+                       "Hugging Face Hub is in offline mode.")
+        logger.warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
+    assert "quantization-bitsandbytes" not in caplog.text and "someone/else" in caplog.text
+    imported = subprocess.run([sys.executable, "-c", "import merge_of_thought, peft, bitsandbytes"], text=True,
+                              capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)  # fmt: skip
+    assert "publisher trust" not in imported.stderr and "kernels-community" not in imported.stderr
+
+
+def test_no_peft_notice_when_mot_deletes_its_branches(qwen3_dir, tokenizer, teachers, tmp_path):
+    from helpers import quick_trainer
+
+    trainer = quick_trainer(qwen3_dir, teachers, tmp_path, tokenizer, num_rounds=2, max_steps=1,
+                            frozen_delta="adapter")  # the merged adapter stays while branches come and go
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [str(w.message) for w in caught if "was active which is now deleted" in str(w.message)]
+
+
+def test_data_set_bars_only_where_a_teacher_is_first_tokenized(qwen3_dir, tokenizer, teachers, tmp_path, capsys):
+    from helpers import quick_trainer
+
+    quick_trainer(qwen3_dir, teachers, tmp_path, tokenizer, num_rounds=2, max_steps=1).train()
+    err = capsys.readouterr().err
+    # TRL re-truncates a tokenized set in every branch; those bars are off, the first tokenization keeps its own
+    assert err.count("Tokenizing train dataset: 100%") == len(teachers)
+    assert err.count("Truncating train dataset: 100%") == len(teachers)
+
+
 def test_train_help_leads_with_mot_settings_and_help_all_lists_everything(capsys):
     from merge_of_thought.mot_config import mot_settings
 

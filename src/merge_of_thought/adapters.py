@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from . import fused
-from .library_noise import peft_checkpointing_alias
+from .library_noise import peft_adapter_deleted, peft_checkpointing_alias
 from .merging import LowRankDelta
 from .quantization import keep_4bit_layout
 
@@ -127,7 +127,10 @@ def add_branch_adapter(
 
 
 def remove_adapter(model: PeftModel, name: str) -> None:
-    model.delete_adapter(name)
+    """Delete one of MoT's adapters; PEFT's notice that the active one is gone (MoT re-activates what it needs) is
+    dropped for this call only."""
+    with peft_adapter_deleted():
+        model.delete_adapter(name)
 
 
 def activate(model: PeftModel, trainable: str | None, one_pass: bool = False) -> None:

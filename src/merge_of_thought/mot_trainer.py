@@ -37,7 +37,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from . import adapters, branches, collection, devices, distributed, frozen, quantization, weighting
+from . import adapters, branches, collection, devices, distributed, frozen, library_noise, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, umask_mode
@@ -342,17 +342,20 @@ class MoTTrainer:
         fields.update(overrides)
         with distributed.device_setup_on_pinned_gpu():
             config = distributed.pin_device(SFTConfig(**fields))
-        trainer = SFTTrainer(
-            model=self.model,
-            args=config,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=self.processing_class,
-            data_collator=self.data_collator,
-            callbacks=self.callbacks,
-            formatting_func=self.formatting_func,
-            optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
-        )
+        # data SFT has tokenized before (every branch after a teacher's first) only gets re-truncated: no bars for it
+        first_use = any(d is not None and "input_ids" not in d.column_names for d in (train_dataset, eval_dataset))
+        with library_noise.datasets_progress_bars(first_use):
+            trainer = SFTTrainer(
+                model=self.model,
+                args=config,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=self.processing_class,
+                data_collator=self.data_collator,
+                callbacks=self.callbacks,
+                formatting_func=self.formatting_func,
+                optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
+            )
         if not (trainer.args.bf16 or trainer.args.fp16):
             # TRL stores QLoRA adapters in bf16; without mixed precision that only loses update bits (and speed
             # on CPUs), so branches keep fp32 adapters.
