@@ -148,3 +148,14 @@ def test_chat_format_problems_fail_before_the_model_is_loaded(tokenizer, tmp_pat
     (tmp_path / "template.jinja").write_text(tokenizer.chat_template)
     with pytest.raises(OSError, match="must/not/be/loaded"):
         build_with(plain, chat, assistant_only_loss=True, chat_template_path=str(tmp_path / "template.jinja"))
+
+
+def test_an_unreachable_hub_model_is_named_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    # offline, as without a connection but at once (no retries): nothing is cached under this id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = r"^model 'mot-tests/not-a-cached-model': the Hugging Face Hub could not be reached to download it"
+    with pytest.raises(ConnectionError, match=message):
+        build("mot-tests/not-a-cached-model", {"a": make_teacher(0), "b": make_teacher(1)}, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

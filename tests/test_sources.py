@@ -206,6 +206,12 @@ def test_bad_specs_are_named(spec, message, hub_copies):
         load_teachers([spec])
 
 
+def test_a_teacher_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "r1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"teacher 'r1': data_files='.*r1.jsonl' is not UTF-8 text \(.*Invalid UTF8"):
+        load_teachers([TeacherConfig(path="json", data_files=str(tmp_path / "r1.jsonl"))])
+
+
 def test_a_row_that_breaks_the_mapping_is_named(hub_copies):
     rows = [json.loads(line) for line in (hub_copies / S1K / "train.jsonl").read_text().splitlines()]
     rows[6]["gemini_attempt"] = None

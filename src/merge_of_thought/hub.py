@@ -77,6 +77,23 @@ def check_model_source(name_or_path: str) -> None:
         )
 
 
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local folder or a Hub model; a Hub id that can be neither downloaded nor found in the cache
+    is named in one line (transformers says "couldn't connect" without the id)."""
+    from transformers import AutoTokenizer
+
+    check_model_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if os.path.isdir(name_or_path) or "connect" not in str(error):
+            raise
+        raise ConnectionError(
+            f"model {name_or_path!r}: the Hugging Face Hub could not be reached to download it and it is not in the "
+            "local cache; check the connection (or HF_HUB_OFFLINE), or pass a local folder as model_name_or_path."
+        ) from None
+
+
 def card_data(
     kind: Kind,
     base_model: str | None,

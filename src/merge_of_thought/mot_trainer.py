@@ -32,7 +32,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
@@ -45,7 +45,7 @@ from .checkpointing import write_json_atomic
 from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from . import evaluation
-from .hub import check_model_source
+from .hub import check_model_source, load_tokenizer
 from .guards import BranchDivergedError, DivergenceGuard, checkpoint_bytes
 from .merging import LowRankDelta, kept_norm, merge_round, summarize
 from .metrics import MetricsLog
@@ -134,10 +134,8 @@ class MoTTrainer:
         if resume_target(self.args.resume_from_checkpoint):  # a resume asked for in args: check the run now
             self._check_start(self.args.resume_from_checkpoint)
         if processing_class is None:  # before the model: its chat template is checked first
-            check_model_source(self.base_model_id)  # one line naming it, not "Repo id must be in the form ..."
-            processing_class = AutoTokenizer.from_pretrained(
-                self.base_model_id, trust_remote_code=self.args.trust_remote_code
-            )
+            # a missing folder or an unreachable Hub id is named in one line, before the model is loaded
+            processing_class = load_tokenizer(self.base_model_id, self.args.trust_remote_code)
         check_chat_format(
             teachers, processing_class, self.args.assistant_only_loss, self.args.chat_template_path, formatting_func
         )

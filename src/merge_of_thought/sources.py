@@ -101,8 +101,17 @@ def load_teachers(specs: Any, spec_of: dict[str, Any] | None = None) -> dict[str
         label = teacher_name(spec)
         try:
             dataset = load_spec(spec, streaming)
+            if spec.data_files or spec.path in ("json", "csv", "text"):  # raw text files; Arrow-written data is UTF-8
+                check_text_encoding(dataset)
         except StopIteration:  # datasets' JSON and CSV builders read the first rows of a file that has none
             raise ValueError(f"teacher {label!r}: its data set is empty ({_where(spec)} has no rows).") from None
+        except Exception as error:
+            if not _is_encoding_error(error):
+                raise
+            raise ValueError(
+                f"teacher {label!r}: {_where(spec)} is not UTF-8 text ({_root(error)}); convert it, e.g. "
+                "`iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`."
+            ) from None
         for name, part in teacher_parts(dataset, spec, label).items():
             unique, n = name, 1
             while unique in teachers:
@@ -112,6 +121,35 @@ def load_teachers(specs: Any, spec_of: dict[str, Any] | None = None) -> dict[str
             if spec_of is not None:
                 spec_of[unique] = spec
     return teachers
+
+
+def check_text_encoding(dataset: Dataset) -> None:
+    """Raise where a loaded file's text is not valid UTF-8: Arrow's JSON reader keeps such bytes, and reading the
+    rows would fail later, in the middle of a check or a branch, without naming the file."""
+    import pyarrow as pa
+
+    table = getattr(dataset.data, "table", None)
+    if isinstance(table, pa.Table):
+        try:
+            table.validate(full=True)
+        except pa.ArrowInvalid as error:
+            if "UTF8" not in str(error):
+                raise
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, str(error)) from None
+
+
+def _is_encoding_error(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, UnicodeDecodeError) or "Invalid UTF8" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _root(error: BaseException) -> str:
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return str(error)
 
 
 def teacher_parts(dataset: Dataset, spec: Any, label: str) -> dict[str, Dataset]:

@@ -322,13 +322,12 @@ def train(argv: list[str]) -> int:
 
 def dry_run(model_name_or_path: str, teachers: dict, args: MoTConfig, eval_dataset: Any) -> int:
     """``--dry_run``: the checks a run makes before its model loads, and the length report, with no model."""
-    from transformers import AutoTokenizer
-
     from ..data import normalized_weights, prepare_teachers, validate_teachers
+    from ..hub import load_tokenizer
 
     validate_teachers(teachers, args.dataset_text_field, allow_single_teacher=args.allow_single_teacher)
     normalized_weights(list(teachers), args.teacher_weights)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(model_name_or_path, args.trust_remote_code)
     prepared, _ = prepare_teachers(teachers, tokenizer, args)  # logs the length report, refuses a large cut
     rows = ", ".join(f"{name} ({len(dataset)} rows)" for name, dataset in prepared.items())
     held_out = f"; held-out problems: {len(eval_dataset)}" if eval_dataset is not None else ""
