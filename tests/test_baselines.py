@@ -103,3 +103,14 @@ def test_baseline_inputs_are_checked_before_anything_runs(tmp_path):
     data, config = baseline_run("mtd", teachers, args, steps="path")
     assert config.max_steps == 50 and config.num_rounds == 1 and len(data["union"]) == 16
     assert baseline_run("std", teachers, args, teacher="t2", steps="mot")[1].max_steps == 200
+
+
+def test_the_data_parallel_control_runs_mots_sequential_steps_with_a_k_fold_batch(tmp_path):
+    args = MoTConfig(output_dir=str(tmp_path), num_rounds=5, max_steps=10, gradient_accumulation_steps=2, report_to=[])
+    teachers = {f"t{k}": make_teacher(k, n=4) for k in range(4)}
+    data, config = baseline_run("mtd", teachers, args, steps="parallel")
+    # T*S steps of K x the batch: MoT's compute in MoT's number of sequential steps
+    assert config.max_steps == 50 and config.gradient_accumulation_steps == 8 and len(data["union"]) == 16
+    assert config.baseline["steps"] == "parallel"
+    with pytest.raises(ValueError, match="'parallel' is the data-parallel control on the union: use it with 'mtd'"):
+        baseline_run("std", teachers, args, teacher="t0", steps="parallel")

@@ -87,7 +87,9 @@ METHODS = tuple(dict.fromkeys(["mot", "mot-persistent", *CONTROLS, "mtd",
 # DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here),
 # and merge weights from the branches' validation scores (README.md, "Exploratory").
 EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"],
-               "mot-val-weighted": {}}
+               "mot-val-weighted": {}, "mtd-parallel": {}}
+# mtd-parallel (issue 39): the data-parallel control, MTD for T*S steps with a K-fold batch (baselines.py,
+# steps="parallel"): MoT's compute in MoT's sequential steps, what K GPUs would run in MoT's wall time.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Job:
         return {"mot": "MoT", "mot-persistent": "MoT-persistent", "restart-only": "restart-only", "mtd": "MTD",
                 "same-left": "same-left",
                 "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov",
-                "mot-val-weighted": "MoT-val-weighted"}[self.method]
+                "mot-val-weighted": "MoT-val-weighted", "mtd-parallel": "MTD-parallel"}[self.method]
 
 
 def load_student(folder: str):
@@ -251,8 +253,9 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
 
         callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), ScoreRound()]
     else:
-        kind, teacher = ("mtd", None) if job.method == "mtd" else ("std", job.method[4:])
-        teachers, args = baseline_run(kind, data, args, teacher=teacher)
+        kind, teacher = ("mtd", None) if job.method.startswith("mtd") else ("std", job.method[4:])
+        steps = "parallel" if job.method == "mtd-parallel" else None  # T*S steps of a K-fold batch
+        teachers, args = baseline_run(kind, data, args, teacher=teacher, steps=steps)
         every = setting.path_steps
 
         class ScoreEvery(TrainerCallback):

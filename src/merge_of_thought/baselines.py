@@ -9,6 +9,10 @@ it. What differs is the data and the number of steps:
   steps, MoT's total compute (``steps="mot"``), or for ``num_rounds * max_steps``, one branch path (``"path"``).
 - ``std``: one teacher's data set for ``num_rounds * max_steps`` steps (one branch path without restarts) or, with
   ``steps="mot"``, MoT's total.
+- ``steps="parallel"`` (MTD): the data-parallel control. ``num_rounds * max_steps`` steps, MoT's sequential steps,
+  each with a K-fold batch (``gradient_accumulation_steps * K``), MoT's compute: what K GPUs would run in MoT's wall
+  time as plain data-parallel SFT on the union, and what averaging K branches approximates to first order, so what
+  MoT gains over it is what branching per teacher and averaging buy.
 
 The learning-rate schedule spans the whole baseline run (MoT restarts it every round), as in a plain SFT run.
 Its one branch IS the student of its one round, so it is evaluated once (after the merge), not once as a branch too.
@@ -28,12 +32,13 @@ from . import reasoning
 from .mot_config import MoTConfig
 
 BASELINES = ("mtd", "std")
-BASELINE_STEPS = ("mot", "path")
+BASELINE_STEPS = ("mot", "path", "parallel")
 UNION = "union"
 
 
 def baseline_steps(args: MoTConfig, n_teachers: int, steps: str) -> int:
-    """SFT steps of a baseline: MoT's total compute (``"mot"``) or one branch path (``"path"``)."""
+    """SFT steps of a baseline: MoT's total compute (``"mot"``) or one branch path (``"path"``, and ``"parallel"``,
+    whose steps carry a K-fold batch)."""
     if steps not in BASELINE_STEPS:
         raise ValueError(f"baseline steps must be one of {BASELINE_STEPS}, got {steps!r}.")
     path = args.num_rounds * args.max_steps
@@ -82,10 +87,14 @@ def baseline_run(
             )
         data = {teacher: teachers[teacher]}
     steps = steps or ("mot" if kind == "mtd" else "path")
+    if steps == "parallel" and kind != "mtd":
+        raise ValueError("baseline_steps 'parallel' is the data-parallel control on the union: use it with 'mtd'.")
     total = baseline_steps(args, len(teachers), steps)
+    accumulation = args.gradient_accumulation_steps * (len(teachers) if steps == "parallel" else 1)
     config = dataclasses.replace(
         args, num_rounds=1, max_steps=total, allow_single_teacher=True, teacher_weights=None, branch_state="fresh",
         teacher_weighting="fixed", eval_branches=False,  # the branch is the round's student: one eval, not two
+        gradient_accumulation_steps=accumulation,
     )
     config.baseline = baseline_record(kind, list(teachers), args, steps, teacher)
     return data, config
@@ -110,5 +119,6 @@ def describe(record: Mapping[str, Any]) -> str:
     data = (
         f"the union of {', '.join(record['teachers'])}" if record["kind"] == "mtd" else f"teacher {record['teacher']}"
     )
-    compute = "MoT's total compute" if record["steps"] == "mot" else "one MoT branch path"
+    compute = {"mot": "MoT's total compute", "path": "one MoT branch path",
+               "parallel": "MoT's sequential steps with a K-fold batch: the data-parallel control"}[record["steps"]]
     return f"{record['kind'].upper()} baseline ({data}; {compute})"

@@ -60,7 +60,8 @@ class MoTScriptArguments(ScriptArguments):
     baseline_steps: str | None = field(
         default=None,
         metadata={"help": "'mot': MoT's total steps (num_rounds x teachers x max_steps; MTD's default), 'path': one "
-                  "branch path (num_rounds x max_steps; STD's default).", "choices": ["mot", "path"]},
+                  "branch path (num_rounds x max_steps; STD's default), 'parallel' (MTD): one branch path of steps "
+                  "with a teachers-fold batch, the data-parallel control.", "choices": ["mot", "path", "parallel"]},
     )
     resume: bool = field(
         default=False,
