@@ -44,10 +44,11 @@ def documented_settings(cls: type | None = None) -> list[tuple[str, str, str, st
 
 
 def mot_settings(cls: type | None = None) -> list[str]:
-    """The fields MoT adds to SFTConfig, and the SFTConfig fields whose defaults it changes."""
+    """The settings MoT adds to SFTConfig, and the SFTConfig settings whose defaults it changes (init fields only:
+    the others are the run's own records, such as ``baseline``)."""
     base = {f.name: f for f in dataclasses.fields(SFTConfig)}
     return [f.name for f in dataclasses.fields(cls or MoTConfig)
-            if f.name not in base or f.default != base[f.name].default]  # fmt: skip
+            if f.init and (f.name not in base or f.default != base[f.name].default)]  # fmt: skip
 
 
 _DEFAULT_EPOCHS = 3.0  # TrainingArguments' num_train_epochs: a value MoT ignores, so any other one is refused
