@@ -414,13 +414,14 @@ def check_eval_dataset(
 def loss_rows(dataset: Dataset, text_field: str = "text", formatting_func: Any = None) -> Dataset | None:
     """The eval rows TRL's SFTTrainer can compute a loss on, or ``None`` when no row has a target to score.
 
-    SFT reads ``messages`` with an assistant turn, ``prompt`` + ``completion``, a ``text_field`` column, or any row
-    through a ``formatting_func``; ``prompt`` + ``answer`` rows (an accuracy-only eval set) have no completion.
+    SFT reads ``messages`` with an assistant turn, ``prompt`` + ``completion``, a ``text_field`` column, tokenized
+    ``input_ids``, or any row through a ``formatting_func``; ``prompt`` + ``answer`` rows (an accuracy-only eval set) have no completion.
     """
     columns = set(dataset.column_names)
-    if formatting_func is not None or text_field in columns or {"prompt", "completion"} <= columns:
-        return dataset
-    if "messages" in columns:
-        rows = dataset.filter(lambda row: any(m["role"] == "assistant" for m in row["messages"]))
+    if formatting_func is not None or {text_field, "input_ids"} & columns or {"prompt", "completion"} <= columns:
+        return dataset  # text, tokenized rows, or prompt + completion: SFT scores every row
+    chat = next((c for c in ("messages", "conversations") if c in columns), None)
+    if chat is not None:
+        rows = dataset.filter(lambda row: any(m["role"] == "assistant" for m in row[chat]))
         return rows if len(rows) else None
     return None
