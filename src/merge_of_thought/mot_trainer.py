@@ -161,6 +161,7 @@ class MoTTrainer:
         self.model: PreTrainedModel | PeftModel = model
         self.processing_class = processing_class
         self.datasets: dict[str, Dataset] = dict(teachers)  # replaced by the tokenized copy on first use
+        self._prepared: set[str] = set()  # teachers whose data set in self.datasets an SFTTrainer has prepared
         self.eval_dataset = eval_dataset
         self._eval_tokenized: Dataset | None = None
         self._eval_loss_skipped = False  # the eval rows have no completion SFT can score (logged once)
@@ -262,6 +263,7 @@ class MoTTrainer:
         self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
             train_dataset=self.datasets[teacher],
+            prepared=teacher in self._prepared,
             output_dir=str(folder),
             seed=self._branch_seed(round_idx, k),
             run_name=f"round{round_idx}/{teacher}",
@@ -269,6 +271,7 @@ class MoTTrainer:
         trainer.add_callback(DivergenceGuard(teacher, round_idx))
         trainer.add_callback(CarryOptimizerState(start.optimizer if start else None))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
+        self._prepared.add(teacher)
         route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher)
         start = time.perf_counter()
         try:
@@ -325,11 +328,21 @@ class MoTTrainer:
         ``shared_branch_init``) a new LoRA init."""
         return self.args.seed + 1000 * round_idx + k
 
-    def _sft_trainer(self, train_dataset: Dataset, eval_dataset: Dataset | None = None, **overrides) -> SFTTrainer:
-        """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints."""
+    def _sft_trainer(
+        self, train_dataset: Dataset, eval_dataset: Dataset | None = None, prepared: bool = False, **overrides
+    ) -> SFTTrainer:
+        """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints.
+
+        ``prepared``: the data sets are ones an earlier SFTTrainer of this run prepared with these settings. TRL would
+        map them through truncation and its fully-masked filter again, which leaves such rows as they are but costs a
+        pass over every row per branch; unless packing or shuffle_dataset (which would re-pack or re-shuffle), it
+        is skipped.
+        """
         fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
         fields.update(save_strategy="no", push_to_hub=False, eval_strategy="no", load_best_model_at_end=False)
         fields.update(model_init_kwargs=None)  # the model is loaded already: TRL would warn that it ignores them
+        if prepared and not (self.args.packing or self.args.eval_packing or self.args.shuffle_dataset):
+            fields.update(dataset_kwargs={**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True})
         fields.update(overrides)
         trainer = SFTTrainer(
             model=self.model,
@@ -430,6 +443,7 @@ class MoTTrainer:
         trainer = self._sft_trainer(
             train_dataset=self.datasets[self.teacher_names[0]],
             eval_dataset=rows,
+            prepared=self._eval_tokenized is not None and self.teacher_names[0] in self._prepared,
             output_dir=str(self.run.root),  # evaluate() writes nothing there; an eval/ folder would stay empty
             report_to=[],
         )
