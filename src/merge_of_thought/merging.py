@@ -112,7 +112,8 @@ def add(
     Where ``current``'s factors are an SVD already (B's columns and A's rows orthogonal, as :func:`recompress`
     leaves them), only ``update``'s columns are projected out of them and factored; a side whose columns are not
     orthogonal (an adapter written elsewhere) or has no room left is factored whole, as :func:`recompress` does.
-    ``dtype`` is the precision of the projections (float32 loses ~10x of the result's agreement; merge_rounds.md).
+    ``dtype`` is the precision of the projections: float32 put the merged delta 6x further from the full
+    recompression's after five rounds at SmolLM2's shapes (2.7e-6 against 4.6e-7; merge_rounds.md).
     """
     old_b, old_a = current.B.to(dtype), current.A.to(dtype).T
     live = old_b.any(dim=0) & old_a.any(dim=0)  # not the zero columns of rank-0 layers or a saved adapter's padding
