@@ -12,7 +12,10 @@ glibc keeps most memory a process frees for reuse, and a branch's activations, a
 the frozen adapter re-made each round at a larger rank leave holes that the next allocation does not fit, so a
 run's resident memory ratchets up over its T*K branches where one SFT run of the same steps does not (a 70M nf4
 student with bf16 autocast at T=5, K=4: peak RSS 1.21x the plain run's, 1.12x with the freed memory returned;
-benchmarks/perf). ``release_freed_memory`` returns it once per branch and per merge, a few milliseconds each.
+benchmarks/perf). ``release_freed_memory`` returns it once a round, after the merge and install, when the round's
+branch deltas and the merge's float64 temporaries are gone. Not after every branch: the next branch allocates the
+same buffers again, and each one handed back is faulted in again by its first step (SmolLM2-135M fp32, T=3 K=2:
+first steps 1.04x the later ones against 1.08x, at 1-3% more peak memory; benchmarks/results/release_memory.md).
 """
 
 from __future__ import annotations

@@ -216,10 +216,10 @@ class MoTTrainer:
                         continue
                     progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
                     mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
-                    collection.release_freed_memory()  # what the branch's trainer held, back to the OS
                     progress.update()
                 branch_deltas.update(self._gather_branches(round_idx, mine))
                 teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
+                kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
                 self.merged, reports = merge_round(
@@ -228,12 +228,10 @@ class MoTTrainer:
                 self._save_round(round_idx, reports, teachers, weights)
                 self.merged = self._kept_merged(round_idx, self.merged)  # in memory, or read from that checkpoint
                 self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
-                collection.release_freed_memory()
-                merge_seconds = time.perf_counter() - start
-                record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
-                          "merge_kept_norm": kept_norm(deltas, weights),  # 1: the branch updates point one way
-                          "merge_weights": dict(zip(teachers, weights))}  # fmt: skip
                 del branch_deltas, mine, deltas  # in their checkpoints: not held through the next round's branches
+                collection.release_freed_memory()  # once a round, not after every branch (collection.py)
+                record = {"type": "round", "round": round_idx, "merge_seconds": time.perf_counter() - start,
+                          **summarize(reports), "merge_kept_norm": kept, "merge_weights": dict(zip(teachers, weights))}
                 self.fire("after_merge", self, round_idx=round_idx, metrics=record)
                 record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
                 self.metrics.write(record)
