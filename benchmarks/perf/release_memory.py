@@ -103,6 +103,8 @@ def markdown(record: dict) -> list[str]:
             lines.append(f"| {'every branch and merge' if policy == 'branch' else 'the merge only'} | {i} | "
                          f"{r['wall_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['median_first_step']:.2f} | "
                          f"{r['median_later_step']:.2f} |")
+    if not all(record["runs"].values()):  # a run of each rule first
+        return lines
     ratio = {policy: [r["median_first_step"] / r["median_later_step"] for r in results]
              for policy, results in record["runs"].items()}
     peak = {policy: median(r["peak_rss_mb"] for r in results) for policy, results in record["runs"].items()}

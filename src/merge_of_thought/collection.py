@@ -15,7 +15,8 @@ student with bf16 autocast at T=5, K=4: peak RSS 1.21x the plain run's, 1.12x wi
 benchmarks/perf). ``release_freed_memory`` returns it once a round, after the merge and install, when the round's
 branch deltas and the merge's float64 temporaries are gone. Not after every branch: the next branch allocates the
 same buffers again, and each one handed back is faulted in again by its first step (SmolLM2-135M fp32, T=3 K=2:
-first steps 1.04x the later ones against 1.08x, at 1-3% more peak memory; benchmarks/results/release_memory.md).
+a branch's first step 0.95-1.07x its later ones against 1.07-1.09x, peak memory 1.003x on the medians;
+benchmarks/results/release_memory.md).
 """
 
 from __future__ import annotations
