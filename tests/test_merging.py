@@ -89,3 +89,122 @@ def test_peft_linear_combination_is_not_the_mean_of_deltas():
     factor_average = (w * d1.B + w * d2.B) @ (w * d1.A + w * d2.A)
     assert (factor_average - mean_of_deltas).norm() / mean_of_deltas.norm() > 0.5
     assert torch.allclose(concatenate([d1, d2], [0.5, 0.5]).dense(), mean_of_deltas, atol=1e-5)
+
+
+def full_merge(current, branches, weights, max_rank=None, tolerance=0.0):
+    """What merge_round computed before it merged incrementally: each layer's whole factor stack recompressed."""
+    merged, dropped = {}, {}
+    for name in branches[0]:
+        update = concatenate([b[name] for b in branches], weights)
+        exact = concatenate([current[name], update]) if current is not None else update
+        merged[name], dropped[name] = recompress(exact, max_rank, tolerance * update.frobenius_norm())
+    return merged, dropped
+
+
+def realistic_branches(round_idx, teachers=4, rank=8, shapes=((96, 64), (32, 64))):
+    """Branches that share most of their directions with each other and with earlier rounds, with decaying spectra
+    (as trained LoRA branches do), so the merged rank stays below the sum of the branch ranks."""
+    shared = torch.Generator().manual_seed(7)
+    common = {shape: (torch.randn(shape[0], rank, generator=shared), torch.randn(rank, shape[1], generator=shared))
+              for shape in shapes}
+    branches = []
+    for k in range(teachers):
+        g = torch.Generator().manual_seed(1000 * round_idx + k)
+        branch = {}
+        for i, (out, inp) in enumerate(shapes):
+            B0, A0 = common[(out, inp)]
+            spectrum = torch.logspace(0, -4, rank)
+            B = (B0 + 0.3 * torch.randn(out, rank, generator=g)) * spectrum
+            branch[f"layer{i}"] = LowRankDelta(B * 1e-3, A0 + 0.3 * torch.randn(rank, inp, generator=g))
+        branches.append(branch)
+    return branches
+
+
+def random_branches(round_idx, teachers=4, rank=8, shapes=((96, 64), (32, 64))):
+    return [{f"layer{i}": random_delta(out, inp, rank, seed=100 * round_idx + 10 * k + i, scale=1e-3)
+             for i, (out, inp) in enumerate(shapes)} for k in range(teachers)]
+
+
+@pytest.mark.parametrize("make_branches", [random_branches, realistic_branches])
+@pytest.mark.parametrize("max_rank,tolerance", [(None, 0.0), (None, 1e-4), (40, 1e-4)])
+def test_incremental_merge_matches_the_full_recompression_over_five_rounds(make_branches, max_rank, tolerance):
+    # the (32, 64) layer runs out of room on its B side in round 2 (rank 32 + 32 new columns): factored whole there
+    ours = reference = None
+    weights = [0.4, 0.3, 0.2, 0.1]
+    for round_idx in range(5):
+        branches = make_branches(round_idx)
+        ours, reports = merge_round(ours, branches, weights, max_rank, tolerance)
+        reference, reference_dropped = full_merge(reference, branches, weights, max_rank, tolerance)
+        for name, exact in reference.items():
+            assert reports[name].rank_after == exact.rank
+            assert ours[name].rank == exact.rank
+            dense = exact.dense().double()
+            assert (ours[name].dense().double() - dense).norm() <= 1e-6 * dense.norm()
+            expected = pytest.approx(reference_dropped[name], rel=1e-4, abs=1e-9 * dense.norm())
+            assert reports[name].dropped_norm == expected
+
+
+def count_qr_columns(monkeypatch) -> list[int]:
+    """The column count of every QR merging.py factors (to see which stacks a merge factors whole)."""
+    columns, qr = [], torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda x, *a, **k: columns.append(x.shape[1]) or qr(x, *a, **k))
+    return columns
+
+
+def test_a_merge_onto_recompressed_factors_factors_only_the_new_columns(monkeypatch):
+    weights = [0.25] * 4
+    merged, _ = merge_round(None, random_branches(0), weights)
+    assert merged["layer0"].rank == 32
+    columns = count_qr_columns(monkeypatch)
+    merge_round(merged, random_branches(1), weights)
+    assert columns == [32, 32, 64, 32]  # layer0: the 32 new columns per side; layer1 (32 x 64): its B side is full
+
+
+def test_factors_that_are_not_an_svd_are_recompressed_whole(monkeypatch):
+    """An adapter written elsewhere (a plain LoRA's B and A) is not mistaken for an SVD: a rank budget then still
+    keeps the best directions and reports the error it makes."""
+    current = {"layer0": random_delta(96, 64, rank=24, seed=5, scale=1e-3)}
+    branches = [{"layer0": random_delta(96, 64, rank=8, seed=6 + k, scale=1e-3)} for k in range(2)]
+    columns = count_qr_columns(monkeypatch)
+    merged, reports = merge_round(current, branches, [0.5, 0.5], max_rank=20)
+    assert columns == [40, 40]
+    reference, dropped = full_merge(current, branches, [0.5, 0.5], max_rank=20)
+    exact = reference["layer0"].dense()
+    assert (merged["layer0"].dense() - exact).norm() <= 1e-6 * exact.norm()
+    assert reports["layer0"].dropped_norm == pytest.approx(dropped["layer0"], rel=1e-6)
+
+
+def test_zero_columns_of_a_saved_merge_are_skipped():
+    """A merged layer of rank 0 is kept as one zero column, and a saved adapter pads every layer to one rank."""
+    weights = [0.5, 0.5]
+    zero = [{"layer0": LowRankDelta(torch.zeros(96, 4), torch.randn(4, 64))} for _ in weights]
+    merged, reports = merge_round(None, zero, weights)
+    assert merged["layer0"].rank == 1 and not merged["layer0"].B.any()
+    one_layer = dict(teachers=2, shapes=((96, 64),))
+    merged, reports = merge_round(merged, random_branches(0, **one_layer), weights)
+    padded = {"layer0": LowRankDelta(torch.cat([merged["layer0"].B, torch.zeros(96, 5)], dim=1),
+                                     torch.cat([merged["layer0"].A, torch.zeros(5, 64)]))}
+    again, reports = merge_round(padded, random_branches(1, **one_layer), weights)
+    reference, _ = full_merge(padded, random_branches(1, **one_layer), weights)
+    assert again["layer0"].rank == reference["layer0"].rank == 32 and reports["layer0"].rank_before == 37
+    assert torch.allclose(again["layer0"].dense(), reference["layer0"].dense(), atol=1e-9)
+
+
+def test_persistent_branch_updates_keep_the_merged_rank():
+    """A persistent branch's update is its new product minus its last one, whose columns lie in the merged delta
+    (branches.round_update): the merge telescopes and its rank stays at K * r, as the full recompression's does."""
+    from merge_of_thought.branches import round_update
+
+    weights = [0.5, 0.5]
+    products = [{"layer0": random_delta(96, 64, rank=8, seed=k, scale=1e-3)} for k in range(2)]
+    merged, _ = merge_round(None, products, weights, tolerance=1e-4)
+    reference = merged
+    for round_idx in range(1, 4):
+        new = [{"layer0": random_delta(96, 64, rank=8, seed=10 * round_idx + k, scale=1e-3)} for k in range(2)]
+        updates = [round_update(n, p) for n, p in zip(new, products)]
+        merged, reports = merge_round(merged, updates, weights, tolerance=1e-4)
+        reference, _ = full_merge(reference, updates, weights, tolerance=1e-4)
+        products = new
+        assert merged["layer0"].rank == reference["layer0"].rank == 16
+        exact = sum(w * p["layer0"].dense() for w, p in zip(weights, products))
+        assert (merged["layer0"].dense() - exact).norm() <= 1e-4 * exact.norm()

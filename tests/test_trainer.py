@@ -184,6 +184,23 @@ def test_each_teacher_is_tokenized_once(qwen3_dir, teachers, tmp_path, monkeypat
     assert all(received[3:])  # every later branch gets the tokenized copy
 
 
+
+def test_a_prepared_data_set_is_not_prepared_again_and_trains_the_same(qwen3_dir, teachers, tmp_path, monkeypatch):
+    """TRL maps an already tokenized data set through its truncation and fully-masked filter again in every branch;
+    MoT skips that for the data sets it prepared, which leaves the rows, and so the student, as they were."""
+    prepared, prepare = [], SFTTrainer._prepare_dataset
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset",
+                        lambda self, dataset, *args: prepared.append(dataset) or prepare(self, dataset, *args))
+    quick_trainer(qwen3_dir, teachers, tmp_path / "skipped", num_rounds=2).train()
+    assert len(prepared) == 3  # each teacher's, in its first branch
+    sft_trainer = mot_trainer_module.MoTTrainer._sft_trainer
+    monkeypatch.setattr(mot_trainer_module.MoTTrainer, "_sft_trainer",
+                        lambda self, *args, prepared=False, **kwargs: sft_trainer(self, *args, **kwargs))
+    quick_trainer(qwen3_dir, teachers, tmp_path / "every", num_rounds=2).train()
+    assert len(prepared) == 3 + 6  # as before: every branch
+    skipped, every = (dense_adapter(tmp_path / run / "round-002" / "merged") for run in ("skipped", "every"))
+    assert all(torch.equal(skipped[n], every[n]) for n in skipped)
+
 def test_run_folder_rebuilds_the_student_without_the_trainer(qwen3_dir, teachers, tokenizer, tmp_path):
     trainer = quick_trainer(qwen3_dir, teachers, tmp_path)
     trainer.train()

@@ -12,9 +12,13 @@ glibc keeps most memory a process frees for reuse, and a branch's activations, a
 the frozen adapter re-made each round at a larger rank leave holes that the next allocation does not fit, so a
 run's resident memory ratchets up over its T*K branches where one SFT run of the same steps does not (a 70M nf4
 student with bf16 autocast at T=5, K=4: peak RSS 1.21x the plain run's, 1.12x with the freed memory returned;
-benchmarks/perf). ``release_freed_memory`` returns it once per branch and per merge, a few milliseconds each. On a
-GPU it also empties torch's CUDA cache: the frozen adapter an install replaced (1.4 GB in bf16 at round 5 of an 8B
-student) would otherwise stay reserved through the round's evaluation and the next branch.
+benchmarks/perf). ``release_freed_memory`` returns it once a round, after the merge and install, when the round's
+branch deltas and the merge's float64 temporaries are gone. Not after every branch: the next branch allocates the
+same buffers again, and each one handed back is faulted in again by its first step (SmolLM2-135M fp32, T=3 K=2:
+a branch's first step 0.95-1.07x its later ones against 1.07-1.09x, peak memory 1.003x on the medians;
+benchmarks/results/release_memory.md). On a GPU it also empties torch's CUDA cache: the frozen adapter an install
+replaced (1.4 GB in bf16 at round 5 of an 8B student) would otherwise stay reserved through the round's evaluation
+and the next branch.
 """
 
 from __future__ import annotations

@@ -415,7 +415,8 @@ def loss_rows(dataset: Dataset, text_field: str = "text", formatting_func: Any =
     """The eval rows TRL's SFTTrainer can compute a loss on, or ``None`` when no row has a target to score.
 
     SFT reads ``messages`` with an assistant turn, ``prompt`` + ``completion``, a ``text_field`` column, tokenized
-    ``input_ids``, or any row through a ``formatting_func``; ``prompt`` + ``answer`` rows (an accuracy-only eval set) have no completion.
+    ``input_ids``, or any row through a ``formatting_func``; ``prompt`` + ``answer`` rows (an accuracy-only eval
+    set) have no completion.
     """
     columns = set(dataset.column_names)
     if formatting_func is not None or {text_field, "input_ids"} & columns or {"prompt", "completion"} <= columns:

@@ -165,6 +165,7 @@ class MoTTrainer:
         self.model: PreTrainedModel | PeftModel = model
         self.processing_class = processing_class
         self.datasets: dict[str, Dataset] = dict(teachers)  # replaced by the tokenized copy on first use
+        self._prepared: set[str] = set()  # teachers whose data set in self.datasets an SFTTrainer has prepared
         self.eval_dataset = eval_dataset
         self._eval_tokenized: Dataset | None = None
         self._eval_loss_skipped = False  # the eval rows have no completion SFT can score (logged once)
@@ -220,10 +221,10 @@ class MoTTrainer:
                         continue
                     progress.set_postfix(round=round_idx, teacher=self.teacher_names[k])
                     mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
-                    collection.release_freed_memory()  # what the branch's trainer held, back to the OS
                     progress.update()
                 branch_deltas.update(self._gather_branches(round_idx, mine))
                 teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
+                kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
                 with devices.merge_threads():  # float64 QR/SVD: all of this process's cores, also under torchrun
@@ -233,12 +234,10 @@ class MoTTrainer:
                 self._save_round(round_idx, reports, teachers, weights)
                 self.merged = self._kept_merged(round_idx, self.merged)  # in memory, or read from that checkpoint
                 self.model = self.frozen_delta.install(self.model, self.merged)  # student = base + D_t
-                collection.release_freed_memory()
-                merge_seconds = time.perf_counter() - start
-                record = {"type": "round", "round": round_idx, "merge_seconds": merge_seconds, **summarize(reports),
-                          "merge_kept_norm": kept_norm(deltas, weights),  # 1: the branch updates point one way
-                          "merge_weights": dict(zip(teachers, weights))}  # fmt: skip
                 del branch_deltas, mine, deltas  # in their checkpoints: not held through the next round's branches
+                collection.release_freed_memory()  # once a round, not after every branch (collection.py)
+                record = {"type": "round", "round": round_idx, "merge_seconds": time.perf_counter() - start,
+                          **summarize(reports), "merge_kept_norm": kept, "merge_weights": dict(zip(teachers, weights))}
                 self.fire("after_merge", self, round_idx=round_idx, metrics=record)
                 record.update(self.dist.on_main(lambda: self._evaluate_round(round_idx)))
                 self.metrics.write(record)
@@ -268,6 +267,7 @@ class MoTTrainer:
         self.fire("on_branch_begin", self, round_idx=round_idx, teacher=teacher)
         trainer = self._sft_trainer(
             train_dataset=self.datasets[teacher],
+            prepared=teacher in self._prepared,
             output_dir=str(folder),
             seed=self._branch_seed(round_idx, k),
             run_name=f"round{round_idx}/{teacher}",
@@ -275,6 +275,7 @@ class MoTTrainer:
         trainer.add_callback(DivergenceGuard(teacher, round_idx))
         trainer.add_callback(CarryOptimizerState(start.optimizer if start else None))
         self.datasets[teacher] = trainer.train_dataset  # tokenized once, reused every later round
+        self._prepared.add(teacher)
         steps_before = ((round_idx - 1) * len(self.teacher_names) + k) * self.args.max_steps  # resume-proof
         route_branch_logs(trainer, self.logging_dir / f"round-{round_idx:03d}" / teacher, steps_before)
         start = time.perf_counter()
@@ -332,11 +333,21 @@ class MoTTrainer:
         ``shared_branch_init``) a new LoRA init."""
         return self.args.seed + 1000 * round_idx + k
 
-    def _sft_trainer(self, train_dataset: Dataset, eval_dataset: Dataset | None = None, **overrides) -> SFTTrainer:
-        """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints."""
+    def _sft_trainer(
+        self, train_dataset: Dataset, eval_dataset: Dataset | None = None, prepared: bool = False, **overrides
+    ) -> SFTTrainer:
+        """An SFTTrainer on the shared model with the user's SFT settings; MoT writes its own checkpoints.
+
+        ``prepared``: the data sets are ones an earlier SFTTrainer of this run prepared with these settings. TRL would
+        map them through truncation and its fully-masked filter again, which leaves such rows as they are but costs a
+        pass over every row per branch; unless packing or shuffle_dataset (which would re-pack or re-shuffle), it
+        is skipped.
+        """
         fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
         fields.update(save_strategy="no", push_to_hub=False, eval_strategy="no", load_best_model_at_end=False)
         fields.update(model_init_kwargs=None)  # the model is loaded already: TRL would warn that it ignores them
+        if prepared and not (self.args.packing or self.args.eval_packing or self.args.shuffle_dataset):
+            fields.update(dataset_kwargs={**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True})
         fields.update(overrides)
         with distributed.device_setup_on_pinned_gpu():
             config = distributed.pin_device(SFTConfig(**fields))
@@ -447,6 +458,7 @@ class MoTTrainer:
         trainer = self._sft_trainer(
             train_dataset=self.datasets[self.teacher_names[0]],
             eval_dataset=rows,
+            prepared=self._eval_tokenized is not None and self.teacher_names[0] in self._prepared,
             output_dir=str(self.run.root),  # evaluate() writes nothing there; an eval/ folder would stay empty
             report_to=[],
             per_device_eval_batch_size=devices.eval_loss_batch_size(self.args),  # logits of at most a train batch
