@@ -384,23 +384,27 @@ class RunFolder:
             )
 
     # ------------------------------------------------------------------ before training
-    def check_writable(self) -> None:
+    def check_writable(self, shared: bool = False) -> None:
         """Write a probe file in the folder: a clear error now rather than after the first branch. Folders made for
-        the probe are removed again, so a run that fails before it starts leaves none behind."""
+        the probe are removed again, so a run that fails before it starts leaves none behind, except when the
+        folder is ``shared`` by the processes of a launch, which probe it at the same time."""
         created = [p for p in [self.root, *self.root.parents] if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=f".write-probe{_TEMP_MARK}") as f:
                 f.write(b"ok")
                 f.flush()
-            for folder in created:  # innermost first; the run writes its folder when it starts
-                folder.rmdir()
         except OSError as error:
             raise CheckpointWriteError(
                 error.errno,
                 f"output_dir {str(self.root)!r} is not writable ({error.strerror or error}). MoT writes every "
                 "branch adapter and merged round there; choose a folder you can write to.",
             ) from error
+        for folder in [] if shared else created:  # innermost first; the run writes its folder when it starts
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else uses it now
+                break
 
     def check_free_space(self, bytes_per_round: int, bytes_left: int) -> None:
         """Error if the disk cannot hold even the next round's adapters; warn if it cannot hold the whole run."""

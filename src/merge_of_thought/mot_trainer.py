@@ -123,7 +123,7 @@ class MoTTrainer:
             )
         frozen.check_unchanged(model)
         self.run = RunFolder(self.args.output_dir)
-        self.run.check_writable()
+        self.run.check_writable(shared=self.dist.world_size > 1)
         self.base_model_id = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self._teacher_rows = {name: len(dataset) for name, dataset in teachers.items()}
         self._eval_rows = len(eval_dataset) if eval_dataset is not None else 0
@@ -565,7 +565,8 @@ class MoTTrainer:
             if self.run.root != Path(resume):
                 self.run = RunFolder(resume)
                 self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
-                self.run.check_writable()  # __init__ checked output_dir; this run goes on in another folder
+                # __init__ checked output_dir; this run goes on in another folder
+                self.run.check_writable(shared=self.dist.world_size > 1)
         restore = bool(resume) and self.run.has_run()
         if restore:
             self.run.check_identity(self._run_info())
