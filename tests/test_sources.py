@@ -256,3 +256,13 @@ def test_weight_with_split_by_is_refused(hub_copies, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", str(config)])
     assert "'weight' with 'split_by' would give every teacher it makes the same weight" in capsys.readouterr().err
+
+
+def test_dry_run_of_a_gpu_recipe_on_a_machine_without_one(hub_copies, qwen3_dir, capsys):
+    """A dry run trains nothing: the recipe's bf16 (which a CPU-only TrainingArguments refuses) is not checked."""
+    recipe = hub_copies.parent / "recipe.yaml"  # bf16: true, as a GPU recipe has it
+    recipe.write_text(json.dumps({"model_name_or_path": qwen3_dir, "bf16": True, "max_length": 4096,
+                                  "output_dir": str(hub_copies / "out"), "teachers": [
+                                      vars(s1k_teacher("deepseek")), vars(s1k_teacher("gemini"))]}))  # fmt: skip
+    assert main(["train", "--config", str(recipe), "--dry_run"]) == 0
+    assert "Dry run: the data passed every check" in capsys.readouterr().out

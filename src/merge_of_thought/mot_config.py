@@ -64,7 +64,7 @@ def steps_not_epochs(given: str) -> ValueError:
     )
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
@@ -284,16 +284,16 @@ class MoTConfig(SFTConfig):
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
         devices.check_mixed_precision(self.bf16, self.fp16, self.use_cpu)  # before transformers' vaguer error
-        if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not has_accelerator()):
             # documented above; at INFO it was printed before every command's output, errors included
             logger.debug("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
-        elif self.bf16 and (self.use_cpu or not _has_accelerator()) and not _cpu_has_native_bf16():
+        elif self.bf16 and (self.use_cpu or not has_accelerator()) and not _cpu_has_native_bf16():
             warnings.warn(
                 "bf16=True on a CPU without native bf16: SFT steps can run ~70x slower than with bf16=False.",
                 stacklevel=3,
             )
-        if self.use_cpu or not _has_accelerator():
+        if self.use_cpu or not has_accelerator():
             self.dataloader_pin_memory = False  # pinned memory needs a GPU; torch warns in every branch otherwise
         _read_checkpointing_alias(self)
         if isinstance(self.teacher_weights, str):

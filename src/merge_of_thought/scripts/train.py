@@ -29,7 +29,7 @@ from trl.scripts.utils import DatasetConfig
 from ..checkpointing import RunFolder, resume_target
 from ..sources import EvalSetConfig, TeacherConfig, load_eval_set, load_teachers, teacher_name
 from ..hub import is_local_path
-from ..mot_config import MoTConfig, steps_not_epochs
+from ..mot_config import MoTConfig, has_accelerator, steps_not_epochs
 from ..reporting import rounds_table
 from .console import VERBOSE_FLAG, run_command
 
@@ -269,6 +269,8 @@ def train(argv: list[str]) -> int:
     from ..mot_trainer import DEFAULT_LORA, MoTTrainer
     from peft import LoraConfig
 
+    if "--dry_run" in argv and not has_accelerator():  # it trains nothing: a GPU recipe's bf16 needs no GPU here
+        argv = [*argv, "--bf16", "false", "--fp16", "false"]
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (in the YAML or as --model_name_or_path).")
