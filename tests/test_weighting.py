@@ -137,3 +137,20 @@ def test_the_round_records_carry_the_warning_where_the_rule_says(reference):
         scores = {r["teacher"]: r["eval_accuracy"] for r in branches}
         record = next(r for r in metrics if r["type"] == "round" and r["round"] == round_idx)
         assert record.get("averaging_warning") == averaging_warning(round_idx, record["eval_accuracy"], scores, 4)
+
+
+def test_the_model_card_carries_a_rounds_averaging_warning(reference, tmp_path):
+    import shutil
+
+    from merge_of_thought.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(reference[1], run, ignore=shutil.ignore_patterns("adapter"))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    warning = averaging_warning(2, 0.1, {"seven": 0.9}, 50)  # as a round whose teachers did not average writes it
+    for line in lines:
+        if line["type"] == "round" and line["round"] == 2:
+            line["averaging_warning"] = warning
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["export", str(run), "--adapter", str(tmp_path / "a"), "--base-model", "org/tiny"]) == 0
+    assert f"**Warning.** {warning}" in (tmp_path / "a" / "README.md").read_text()

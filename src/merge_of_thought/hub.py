@@ -173,6 +173,7 @@ def round_metrics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "merge_rel_error_total": record.get("merge_rel_error_total"),
                 "merge_kept_norm": record.get("merge_kept_norm"),
                 "merge_weights": record.get("merge_weights"),
+                "averaging_warning": record.get("averaging_warning"),
             }
         )
     return rows
@@ -361,6 +362,9 @@ def run_card(
     body.append(table(list(columns.values()), [[r[k] for k in columns] for r in rows]))
     if any(r["branch_eval_loss"] is not None for r in rows):
         body += ["", BRANCH_EVAL_NOTE]
+    warnings = [r["averaging_warning"] for r in rows if r.get("averaging_warning")]
+    if warnings:  # the merged student clearly below its best branch: these teachers did not average
+        body += ["", "**Warning.** " + " ".join(warnings)]
     if rows and plot_metrics(rows, folder / PLOT_FILE):
         body += ["", f"![Losses per MoT round]({PLOT_FILE})"]
     elif rows:
