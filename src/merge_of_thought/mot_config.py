@@ -116,7 +116,7 @@ class MoTConfig(SFTConfig):
             when unset.
         teacher_weighting (`str`, defaults to `"fixed"`): how each round weighs its branches in the merge
             (weighting.py). `"fixed"` (the paper): `teacher_weights` every round. `"eval_accuracy"`: proportional to
-            each branch's own greedy accuracy on `eval_dataset` that round (uniform when all score 0), so a teacher
+            each branch's own accuracy (pass@1) on `eval_dataset` that round (uniform when all score 0), so a teacher
             whose traces the student does not learn gets little of the average. It needs an `eval_dataset` with
             answers, `eval_accuracy_samples > 0`, `eval_branches="all"` (its default then) and `teacher_weights`
             unset; use held-out problems that are not your test set. Every round's weights go to metrics.jsonl,

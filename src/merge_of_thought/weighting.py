@@ -2,10 +2,9 @@
 
 ``"fixed"`` (the paper): every round merges with ``teacher_weights``, uniform when unset.
 
-``"eval_accuracy"``: every round merges with weights proportional to the branches' own greedy accuracy on the
+``"eval_accuracy"``: every round merges with weights proportional to the branches' own accuracy (pass@1) on the
 ``eval_dataset`` (the branch evaluation of ``eval_branches="all"``, its default then), uniform when every branch
-scores 0.
-Where the teachers write formats the student learns unequally well, a uniform average gives the ones it cannot
+scores 0. Where the teachers write formats the student learns unequally well, a uniform average gives the ones it cannot
 learn an equal share of every merge. On SmolLM2-135M with four correct teachers of four formats, two of which it
 barely learns, this rule scored 0.653 against the uniform average's 0.533 and the best single teacher's 0.640 (3
 seeds; benchmarks/real_student/README.md): it selects the learnable teachers rather than reconciling the others.
