@@ -266,3 +266,15 @@ def test_dry_run_of_a_gpu_recipe_on_a_machine_without_one(hub_copies, qwen3_dir,
                                       vars(s1k_teacher("deepseek")), vars(s1k_teacher("gemini"))]}))  # fmt: skip
     assert main(["train", "--config", str(recipe), "--dry_run"]) == 0
     assert "Dry run: the data passed every check" in capsys.readouterr().out
+
+
+def test_dry_run_makes_the_trainers_own_checks(hub_copies, qwen3_dir, capsys):
+    """--dry_run calls the functions MoTTrainer checks its data with: a setting the trainer would refuse before
+    loading the model (weights from eval scores, with no held-out problems) is refused by the dry run too."""
+    config = hub_copies / "mot.yaml"
+    config.write_text(json.dumps({"model_name_or_path": qwen3_dir, "output_dir": str(hub_copies / "out"),
+                                  "max_length": 4096, "teacher_weighting": "eval_accuracy", "eval_accuracy_samples": 4,
+                                  "teachers": [vars(s1k_teacher("deepseek")), vars(s1k_teacher("gemini"))]}))
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(config), "--dry_run"])
+    assert "teacher_weighting='eval_accuracy' weighs each round's branches" in capsys.readouterr().err

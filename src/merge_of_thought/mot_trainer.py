@@ -42,7 +42,7 @@ from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, umask_mode
 from .checkpointing import write_json_atomic
-from .data import check_chat_format, normalized_weights, prepare_teachers, validate_teachers
+from .data import LengthStats, check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from . import evaluation
 from .hub import check_model_source, load_tokenizer
@@ -55,6 +55,39 @@ from .reporting import RoundReporter, logging_root, route_branch_logs
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def check_data(
+    args: MoTConfig,
+    teachers: Mapping[str, Dataset] | None,
+    eval_dataset: Dataset | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
+) -> dict[str, float]:
+    """The checks on a run's data that need neither the tokenizer nor the model: MoTTrainer makes them first and
+    ``mot train --dry_run`` makes the same ones. Returns each teacher's merge weight."""
+    validate_teachers(teachers, args.dataset_text_field, formatting_func, args.allow_single_teacher)
+    weights = normalized_weights(list(teachers), args.teacher_weights)
+    if args.teacher_weighting != "fixed" and (eval_dataset is None or args.teacher_weights):
+        raise ValueError(
+            f"teacher_weighting={args.teacher_weighting!r} weighs each round's branches by their score on "
+            "eval_dataset: pass an eval_dataset (held-out problems with answers) and no teacher weights."
+        )
+    if eval_dataset is not None and args.eval_accuracy_samples:  # a row without an answer fails here
+        evaluation.check_eval_dataset(eval_dataset, args.eval_accuracy_samples, args.answer_pattern, args.answer_match)
+    return weights
+
+
+def prepare_data(
+    args: MoTConfig,
+    teachers: Mapping[str, Dataset],
+    tokenizer: PreTrainedTokenizerBase,
+    formatting_func: Callable[[dict], str] | None = None,
+) -> tuple[dict[str, Dataset], list[LengthStats]]:
+    """The checks that need the student's tokenizer: its chat format, every row, the reasoning rendered as its chat
+    template expects, the lengths reported against ``max_length``. Returns the teachers as SFT will see them and
+    their length statistics."""
+    check_chat_format(teachers, tokenizer, args.assistant_only_loss, args.chat_template_path, formatting_func)
+    return prepare_teachers(teachers, tokenizer, args, formatting_func)
 
 
 class MoTTrainer:
@@ -97,17 +130,8 @@ class MoTTrainer:
         self.args = _as_mot_config(args, model)
         self.dist = distributed.process_group(self.args.ddp_timeout)
         # Every check on the user's input comes before the model is loaded and before any step is trained.
-        validate_teachers(teachers, self.args.dataset_text_field, formatting_func, self.args.allow_single_teacher)
+        self.teacher_weights = check_data(self.args, teachers, eval_dataset, formatting_func)
         self.teacher_names = list(teachers)
-        self.teacher_weights = normalized_weights(self.teacher_names, self.args.teacher_weights)
-        if self.args.teacher_weighting != "fixed" and (eval_dataset is None or self.args.teacher_weights):
-            raise ValueError(
-                f"teacher_weighting={self.args.teacher_weighting!r} weighs each round's branches by their score on "
-                "eval_dataset: pass an eval_dataset (held-out problems with answers) and no teacher weights."
-            )
-        if eval_dataset is not None and self.args.eval_accuracy_samples:  # a row without an answer fails here
-            evaluation.check_eval_dataset(eval_dataset, self.args.eval_accuracy_samples, self.args.answer_pattern,
-                                          self.args.answer_match)  # fmt: skip
         self.teacher_datasets: dict[str, str] = {}  # teacher -> Hub data set id, for mot_run.json and model cards
         self.teacher_sources: dict[str, str] = {}  # teacher -> its files or folder in words (mot train sets both)
         if self.dist.world_size > len(self.teacher_names):
@@ -136,11 +160,7 @@ class MoTTrainer:
         if processing_class is None:  # before the model: its chat template is checked first
             # a missing folder or an unreachable Hub id is named in one line, before the model is loaded
             processing_class = load_tokenizer(self.base_model_id, self.args.trust_remote_code)
-        check_chat_format(
-            teachers, processing_class, self.args.assistant_only_loss, self.args.chat_template_path, formatting_func
-        )
-        # every row checked, reasoning rendered as the chat template expects, lengths reported against max_length
-        teachers, self.length_stats = prepare_teachers(teachers, processing_class, self.args, formatting_func)
+        teachers, self.length_stats = prepare_data(self.args, teachers, processing_class, formatting_func)
         if isinstance(model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:

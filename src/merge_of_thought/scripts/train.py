@@ -325,13 +325,12 @@ def train(argv: list[str]) -> int:
 
 def dry_run(model_name_or_path: str, teachers: dict, args: MoTConfig, eval_dataset: Any) -> int:
     """``--dry_run``: the checks a run makes before its model loads, and the length report, with no model."""
-    from ..data import normalized_weights, prepare_teachers, validate_teachers
     from ..hub import load_tokenizer
+    from ..mot_trainer import check_data, prepare_data
 
-    validate_teachers(teachers, args.dataset_text_field, allow_single_teacher=args.allow_single_teacher)
-    normalized_weights(list(teachers), args.teacher_weights)
+    check_data(args, teachers, eval_dataset)  # what MoTTrainer checks first, with the same functions
     tokenizer = load_tokenizer(model_name_or_path, args.trust_remote_code)
-    prepared, _ = prepare_teachers(teachers, tokenizer, args)  # logs the length report, refuses a large cut
+    prepared, _ = prepare_data(args, teachers, tokenizer)  # logs the length report, refuses a large cut
     rows = ", ".join(f"{name} ({len(dataset)} rows)" for name, dataset in prepared.items())
     held_out = f"; held-out problems: {len(eval_dataset)}" if eval_dataset is not None else ""
     print(f"Dry run: the data passed every check. Teachers: {rows}{held_out}. {args.num_rounds} rounds x "
