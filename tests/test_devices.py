@@ -43,6 +43,9 @@ def test_finite_flags_are_reduced_per_device_before_they_meet():
     cpu = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")])}
     assert first_non_finite(cpu) == "b"
     assert first_non_finite({"a": torch.ones(2)}) is None and first_non_finite({}) is None
+    huge = {"a": torch.full((4,), 1e30), "b": torch.ones(2)}  # finite, but their norm overflows in fp32
+    assert not torch.linalg.vector_norm(huge["a"]).isfinite()
+    assert first_non_finite(huge) is None
     spread = {"a": torch.ones(2), "m": torch.ones(2, device="meta"), "b": torch.zeros(2)}
     with pytest.raises(RuntimeError):  # what the guard did before: one stack over every device's flags
         torch.stack([t.isfinite().all() for t in spread.values()])

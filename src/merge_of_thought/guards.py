@@ -32,13 +32,17 @@ class DivergenceGuard(TrainerCallback):
 
     def __init__(self, teacher: str, round_idx: int):
         self.teacher, self.round = teacher, round_idx
+        self._trainable: list[tuple[str, torch.nn.Parameter]] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._trainable = trainable_parameters(model)  # walking a PeftModel's modules costs ~3 ms; once a branch
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        grads = {n: p.grad for n, p in self._trainable or trainable_parameters(model) if p.grad is not None}
         self._check(grads, state.global_step + 1, "its loss or gradients became {kind} (gradient of {name})")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        weights = {n: p.detach() for n, p in self._trainable or trainable_parameters(model)}
         self._check(weights, state.global_step, "the optimizer update made adapter weight {name} {kind}")
 
     def _check(self, tensors: dict[str, torch.Tensor], step: int, what: str) -> None:
@@ -46,6 +50,10 @@ class DivergenceGuard(TrainerCallback):
         if name is not None:
             kind = "NaN" if bool(tensors[name].isnan().any()) else "inf"
             raise BranchDivergedError(self.teacher, self.round, step, what.format(name=name, kind=kind))
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[str]]:
@@ -60,8 +68,18 @@ def by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[str]]
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of a tensor holding a NaN or inf (the first such on the first device that has one), or None.
 
-    One reduction and one host sync per device: ``torch.stack`` refuses flags that live on different devices.
+    Their total norm first, as ``clip_grad_norm_`` computes it (fused per device, one host sync): finite, every
+    tensor is. A step of SmolLM2-135M's 420 LoRA tensors checked one by one took ~20 ms on 2 CPU cores, the norm
+    ~2 ms; twice a step that was 2% of MoT's step time. Only a non-finite norm (a NaN or inf, or finite values whose
+    norm overflowed) is looked into tensor by tensor, one reduction and one host sync per device (``torch.stack``
+    refuses flags that live on different devices), which names the tensor or finds none.
     """
+    if not tensors:
+        return None
+    values = list(tensors.values())
+    fused = {t.device.type for t in values} <= {"cpu", "cuda"}  # where torch has the foreach kernels
+    if bool(torch.nn.utils.get_total_norm(values, foreach=True if fused else None).isfinite()):
+        return None
     for names in by_device(tensors).values():
         finite = torch.stack([tensors[name].isfinite().all() for name in names])
         if not bool(finite.all()):
