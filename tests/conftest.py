@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-from merge_of_thought.demo.tokenizer import build_char_tokenizer
-from merge_of_thought.quantization import cpu_repacks_4bit
-
+# before any Hugging Face library is imported: huggingface_hub reads HF_HUB_OFFLINE once, at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config  # noqa: E402
+
+from merge_of_thought.demo.tokenizer import build_char_tokenizer  # noqa: E402
+from merge_of_thought.quantization import cpu_repacks_4bit  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 from datasets import Dataset
@@ -117,6 +118,16 @@ def test_config_defaults_suit_the_cpu(tmp_path):
     assert config.bf16 is False  # this machine has no GPU
     assert config.dataloader_pin_memory is False  # pinning needs a GPU (torch would warn in every branch)
     assert config.max_steps == 50 and config.num_rounds == 5
+
+
+def test_bf16_asked_for_on_a_machine_without_a_gpu_trains_on_the_cpu(tmp_path):
+    """transformers refuses bf16 without a GPU unless ``use_cpu`` is set; on such a machine MoT sets it (there is
+    nothing else to train on), so ``bf16=True`` means bf16 autocast on the CPU, as the docs say."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the slow-bf16 warning on CPUs without native bf16
+        config = MoTConfig(output_dir=str(tmp_path), bf16=True)
+    assert config.bf16 is True and config.use_cpu is True
+    assert config.device.type == "cpu"
 
 
 def chat_teacher(n: int = 4) -> Dataset:

@@ -293,6 +293,8 @@ class MoTConfig(SFTConfig):
                 "bf16=True on a CPU without native bf16: SFT steps can run ~70x slower than with bf16=False.",
                 stacklevel=3,
             )
+        if self.bf16 and not has_accelerator():
+            self.use_cpu = True  # transformers refuses bf16 without a GPU unless told to train on the CPU
         if self.use_cpu or not has_accelerator():
             self.dataloader_pin_memory = False  # pinned memory needs a GPU; torch warns in every branch otherwise
         _read_checkpointing_alias(self)

@@ -52,6 +52,11 @@ class DemoSettings:
     chat: bool = False  # prompt/completion rows as chat messages (for a student with a chat template)
     seed: int = 0
     load_in_4bit: bool = True
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "bf16 autocast and nf4 compute in bf16 (fast only on CPUs with AVX512-BF16 or AMX); "
+                  "default: %(default)s"},
+    )
     output_dir: str | None = None
     threads: int = 2
 
@@ -98,7 +103,10 @@ def run_demo(settings: DemoSettings | None = None) -> list[tuple[int, float, flo
     settings = settings or DemoSettings()
     torch.set_num_threads(settings.threads)
     start = time.perf_counter()
-    model, tokenizer = load_demo_student(student_path(settings.student), load_in_4bit=settings.load_in_4bit)
+    compute_dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    model, tokenizer = load_demo_student(
+        student_path(settings.student), load_in_4bit=settings.load_in_4bit, compute_dtype=compute_dtype
+    )
     split = dict(seed=settings.seed, eval_size=settings.eval_problems, digits=settings.digits)
     train = make_problems(settings.train_problems, split="train", **split)
     held_out = make_problems(settings.eval_problems, split="test", **split)
@@ -106,6 +114,7 @@ def run_demo(settings: DemoSettings | None = None) -> list[tuple[int, float, flo
     print(
         f"MoT demo: {len(teachers)} teachers ({', '.join(TEACHERS)}), {settings.num_rounds} rounds x "
         f"{settings.max_steps} steps per branch, {'4-bit nf4' if settings.load_in_4bit else 'fp32'} "
+        f"{'(bf16 autocast) ' if settings.bf16 else ''}"
         f"{settings.student} student, {settings.eval_problems} held-out problems"
         f"{' (chat format)' if settings.chat else ''}\n\n{AccuracyTable.table.header()}",
         flush=True,
@@ -126,6 +135,7 @@ def run_demo(settings: DemoSettings | None = None) -> list[tuple[int, float, flo
         seed=settings.seed,
         overwrite_output_dir=True,
         dataloader_pin_memory=False,
+        bf16=settings.bf16,
     )
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules="all-linear")
     trainer = MoTTrainer(

@@ -165,13 +165,14 @@ def save_student(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
 
 
 def load_demo_student(
-    path: str | Path | None = None, load_in_4bit: bool = True
+    path: str | Path | None = None, load_in_4bit: bool = True, compute_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load the demo student through the regular ``from_pretrained`` code path on a local folder.
 
     Args:
         path: Checkpoint folder; defaults to the student shipped inside the package.
-        load_in_4bit: Quantize the linear layers to bitsandbytes nf4 (compute in fp32); otherwise load in fp32.
+        load_in_4bit: Quantize the linear layers to bitsandbytes nf4; otherwise load in fp32.
+        compute_dtype: The nf4 layers' compute dtype: fp32, or bf16 for a bf16-autocast run.
 
     Returns:
         The model and its tokenizer.
@@ -180,7 +181,7 @@ def load_demo_student(
     kwargs = {}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     keep_4bit_layout(model)  # the demo and benchmarks evaluate between rounds (quantization.py)
