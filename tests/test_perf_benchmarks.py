@@ -60,9 +60,9 @@ def test_exact_floor_counts_the_adapted_linears_of_the_70m_student():
     """By hand for the 70M benchmark student (10 layers; q, o 768x768; k, v 768x256; gate, up, down 768x2048)."""
     exact_floor = load_benchmark("perf/exact_floor.py")
     config, _ = exact_floor.STUDENTS["70M Qwen3 (perf benchmark)"]
-    shapes = exact_floor.linear_shapes(config)
-    assert len(shapes) == 70  # the output head is not adapted
-    row = exact_floor.floor(shapes, plain_peak_mb=1000.0)
+    shapes, head = exact_floor.linear_shapes(config)
+    assert len(shapes) == 70 and head == 768 * 100  # the output head (vocabulary 100) is not adapted
+    row = exact_floor.floor(shapes, head, plain_peak_mb=1000.0)
     params, edges = 10 * (2 * 768 * 768 + 2 * 768 * 256 + 3 * 768 * 2048), 10 * (2 * 1536 + 2 * 1024 + 3 * 2816)
     assert row["linear_params_M"] == params / 1e6
     fresh, persistent = row["ranks"]["fresh"], row["ranks"]["persistent"]
@@ -70,6 +70,8 @@ def test_exact_floor_counts_the_adapted_linears_of_the_70m_student():
     assert fresh["factors_fp32_MB"] == 4 * 256 * edges / 2**20
     assert fresh["factors_vs_plain_peak"] == fresh["factors_fp32_MB"] / 1000
     assert fresh["extra_linear_flops"] == 256 * edges / params
+    first = 2 * (params + head) + 3 * 16 * edges  # frozen base and head: forward + input grad; LoRA: + weight grad
+    assert fresh["step_flops_ratio"] == (first + 2 * 256 * edges) / first
 
 
 def test_merge_rounds_times_both_merges_on_the_same_rounds_and_finds_them_equal():
@@ -82,3 +84,19 @@ def test_merge_rounds_times_both_merges_on_the_same_rounds_and_finds_them_equal(
     assert [max(r.rank_after for r in reports.values()) for _, reports in inputs["full"]] == [64, 128, 192]
     seconds = merge_rounds.timings(rounds, {m: inputs[m] for m in ("full", "incremental")}, repeats=1)
     assert all(len(s) == 1 and s[0] > 0 for method in seconds.values() for s in method)
+
+
+def test_cpu_bf16_accuracy_pairs_the_precisions_by_seed():
+    """The bf16 study reports paired differences (bf16 minus fp32, per seed) and time ratios, from JSON as saved."""
+    study = load_benchmark("perf/cpu_bf16_accuracy.py")
+    runs = {"fp32": {0: {"accuracy": 0.9, "seconds": 100.0}, 1: {"accuracy": 0.8, "seconds": 120.0}},
+            "bf16": {0: {"accuracy": 0.7, "seconds": 80.0}, 1: {"accuracy": 0.8, "seconds": 60.0}}}
+    summary = study.summarize(runs)
+    assert summary["seeds"] == [0, 1]
+    assert abs(summary["accuracy_difference"][0] - (-0.1)) < 1e-12  # (-0.2 + 0.0) / 2
+    assert abs(summary["time_ratio"][0] - 0.65) < 1e-12  # (0.8 + 0.5) / 2
+    record = json.loads(json.dumps({"command": "c", "machine": {"cpu": "x"},
+                                    "students": {"demo": {"runs": runs, "summary": summary}}}))
+    text = study.markdown(record)
+    assert "| 0 | 0.900 | 0.700 | -0.200 | 100 | 80 | 0.80 |" in text
+    assert "paired bf16 - fp32 -0.100" in text

@@ -37,16 +37,26 @@ STUDENTS = {  # name: (config, where a plain run's peak memory was measured: per
 }
 
 
-def linear_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer LoRA's all-linear adapts (all but the output head), from a meta model."""
+def linear_shapes(config) -> tuple[list[tuple[int, int]], int]:
+    """(in, out) of every linear layer LoRA's all-linear adapts (all but the output head), from a meta model, and
+    the output head's parameter count."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
-    return [(m.in_features, m.out_features) for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m is not head]
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m is not head]  # fmt: skip
+    return shapes, head.weight.numel()
 
 
-def floor(shapes: list[tuple[int, int]], plain_peak_mb: float | None) -> dict:
+def step_flops_per_token(params: int, edges: int, head: int, frozen_rank: int) -> int:
+    """Multiply-adds per token of one QLoRA training step's matmuls: the frozen base linears and output head forward
+    and input gradient (2 each), the rank-r branch forward and both gradients (3), the frozen merged pass of
+    ``frozen_rank`` forward and input gradient (2). Attention's score products (short sequences here) and the
+    element-wise work are left out, so the ratio of two steps is what their matmul FLOPs alone predict."""
+    return 2 * (params + head) + 3 * RANK * edges + 2 * frozen_rank * edges
+
+
+def floor(shapes: list[tuple[int, int]], head: int, plain_peak_mb: float | None) -> dict:
     params = sum(i * o for i, o in shapes)
     edges = sum(i + o for i, o in shapes)
     row = {"linear_params_M": params / 1e6, "nf4_weights_MB": params * (0.5 + 4 / 64) / MB,  # 4 bits + fp32 absmax/64
@@ -58,6 +68,9 @@ def floor(shapes: list[tuple[int, int]], plain_peak_mb: float | None) -> dict:
             "factors_fp32_MB": factors_mb,
             "factors_vs_plain_peak": factors_mb / plain_peak_mb if plain_peak_mb else None,
             "extra_linear_flops": rank * edges / params,  # the frozen pass per token against the base linears'
+            # the last round's step against round 1's (no frozen pass), by matmul FLOPs: the step-time floor
+            "step_flops_ratio": step_flops_per_token(params, edges, head, rank)
+            / step_flops_per_token(params, edges, head, 0),
         }
     return row
 
@@ -68,7 +81,7 @@ def main() -> None:
     for name, (config, record) in STUDENTS.items():
         runs = perf.get(record, {}).get("runs", {}).get("plain", []) if record else []
         peak = sum(r["peak_rss_mb"] for r in runs) / len(runs) if runs else None
-        rows[name] = floor(linear_shapes(config), peak)
+        rows[name] = floor(*linear_shapes(config), peak)
     lines = [
         "# The floor of an exact merged delta beside 4-bit or bf16 weights",
         "",
@@ -76,11 +89,14 @@ def main() -> None:
         f"r={RANK}; the last round trains above a frozen delta of rank K*r*(T-1) with fresh branches (the default) and "
         "(K+1)*r with persistent ones (the merged K*r and the branch's own r). Extra FLOPs: the frozen low-rank pass "
         "per token against the adapted base linears' (forward and input gradient alike). Plain peak: the plain QLoRA "
-        "run's measured peak RSS (perf.json), where there is one.",
+        "run's measured peak RSS (perf.json), where there is one. Step FLOPs: the last round's training step against "
+        "round 1's by matmul multiply-adds per token (base linears and output head forward and input gradient, the "
+        "LoRA branch forward and both gradients, the frozen pass forward and input gradient): what a step time would "
+        "grow by if it were all matmuls.",
         "",
         "| student | linear params | nf4 weights | dense fp32 delta | branches | frozen rank | fp32 factors | "
-        "vs plain peak | extra linear FLOPs |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "vs plain peak | extra linear FLOPs | step FLOPs last/first round |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         for kind, r in row["ranks"].items():
@@ -89,7 +105,8 @@ def main() -> None:
             lines.append(
                 f"| {name} | {row['linear_params_M']:.0f}M | {row['nf4_weights_MB']:.0f} MB | "
                 f"{row['dense_fp32_delta_MB']:.0f} MB | {kind} | {r['frozen_rank_last_round']} | "
-                f"{r['factors_fp32_MB']:.0f} MB | {share} | {r['extra_linear_flops']:.0%} |"
+                f"{r['factors_fp32_MB']:.0f} MB | {share} | {r['extra_linear_flops']:.0%} | "
+                f"{r['step_flops_ratio']:.2f}x |"
             )
     lines += [
         "",
