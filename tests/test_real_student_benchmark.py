@@ -47,6 +47,26 @@ def test_teachers_share_the_answer_line_and_only_the_noisy_one_is_wrong(bench):
     assert column[:2] == ["Ones: 7 + 5 + 8 = 20, write 0, carry 2.", "Tens: 4 + 2 + 3 + 2 = 11, write 11."]
 
 
+def test_the_second_task_is_products_with_the_shared_regimes_kind_of_teachers(bench):
+    """The multiply regime (issue 39's second task): its own split of products, the same four kinds of teacher,
+    every trace ending with the product's line except the noisy teacher's slips; the sums' split is untouched."""
+    import task
+
+    pool, held = task.split(regime="multiply")
+    assert len(held) == 300 and len(pool) == 2700 and not set(held) & set(pool)
+    assert all(isinstance(p, task.Product) and p.b % 10 > 1 and p.b // 10 > 1 for p in pool + held)
+    assert task.split()[1][0] == task.Problem(66, 24, 10)  # the sums' held-out problems as before
+    problems = random.Random(0).sample(pool, 200)
+    for teacher in task.REGIMES["multiply"]:
+        rows = task.teacher_dataset(teacher, problems, seed=0)
+        wrong = sum(final(r["completion"][0]["content"]) != p.a * p.b for r, p in zip(rows, problems)) / 200
+        assert (0.25 < wrong < 0.45) if teacher == "noisy" else wrong == 0, teacher
+    traces = {t: task.trace(t, task.Product(47, 36), random.Random(0)).splitlines() for t in task.REGIMES["multiply"]}
+    assert traces["left"] == ["47 × 30 = 1410", "47 × 6 = 282", "1410 + 282 = 1692", "#### 1692"]
+    assert traces["right"][:2] == ["40 × 36 = 1440", "7 × 36 = 252"]
+    assert bench.default_methods("multiply") == bench.default_methods("shared")
+
+
 def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     """MoT and the exploratory mot-val-weighted (README.md) in --quick end to end on the real student, in one run
     (the baselines' path is tests/test_baselines.py's; the full --quick runs every method, ~5 min on 2 cores)."""

@@ -5,6 +5,7 @@
     python benchmarks/real_student/run.py --steps 50       # the paper's 50 steps per round (a GPU)
     python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step (batch 2)
     python benchmarks/real_student/run.py --regime formats --exploratory mot-val-weighted   # + a method added later
+    python benchmarks/real_student/run.py --regime multiply --exploratory mtd-parallel   # the second task (products)
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
@@ -57,13 +58,16 @@ class Setting(quality.Setting):
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
     validation: int = 50  # held-out problems after the scored ones: mot-val-weighted's branch scores
-    regime: str = "shared"  # task.REGIMES: "shared" (the first design) or "formats"
+    regime: str = "shared"  # task.REGIMES: "shared" (the first design), "formats", or "multiply" (the second task)
+    bf16: bool = False  # nf4 compute and TRL's autocast in bf16 (issue 38's CPU study; fast with AVX512-BF16 only)
 
     @property
     def teachers(self) -> tuple[str, ...]:
         return REGIMES[self.regime]
 
 
+# Fixed in each regime's design where it differs from Setting's (README.md): the products' verbose trace is longer.
+REGIME_SETTINGS: dict[str, dict] = {"multiply": {"max_new_tokens": 96}}
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
                 general_prompts=4, general_tokens=12, validation=4)
 
@@ -76,7 +80,7 @@ CONTROLS = ("restart-only", "same-left")
 def default_methods(regime: str) -> list[str]:
     """Each regime's pre-registered methods, in the order a seed runs them (README.md)."""
     stds = [f"std-{t}" for t in REGIMES[regime]]
-    if regime == "shared":
+    if regime in ("shared", "multiply"):  # the second task's design is the shared regime's
         return ["mot", "mot-persistent", "restart-only", "mtd", *stds]
     return ["mot", "mtd", *stds, "mot-persistent", "same-left"]
 
@@ -107,13 +111,14 @@ class Job:
                 "mot-val-weighted": "MoT-val-weighted", "mtd-parallel": "MTD-parallel"}[self.method]
 
 
-def load_student(folder: str):
+def load_student(folder: str, bf16: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from merge_of_thought.quantization import keep_4bit_layout
 
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    compute = torch.bfloat16 if bf16 else torch.float32
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4)
     keep_4bit_layout(model)
     return model, AutoTokenizer.from_pretrained(folder)
@@ -148,14 +153,14 @@ def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[list[s
     if not (answers_path.exists() and start_path.exists()):
         from merge_of_thought.evaluation import generate_completions
 
-        model, tokenizer = load_student(folder)
+        model, tokenizer = load_student(folder, setting.bf16)
         if not answers_path.exists():
             prompts = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[: setting.general_prompts]]
             answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
                                            max_new_tokens=setting.general_tokens, disable_tqdm=True)  # fmt: skip
             quality.write_json_atomic(answers_path, answers)
         references = json.loads(answers_path.read_text())
-        held = held_out_dataset(split()[1][: setting.held_out])
+        held = held_out_dataset(split(regime=setting.regime)[1][: setting.held_out])
         quality.write_json_atomic(start_path, score(model, tokenizer, held, references, setting))
     return json.loads(answers_path.read_text()), json.loads(start_path.read_text())
 
@@ -209,8 +214,8 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
     quiet()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model, tokenizer = load_student(folder)
-    pool, held_problems = split()
+    model, tokenizer = load_student(folder, setting.bf16)
+    pool, held_problems = split(regime=setting.regime)
     prompts = random.Random(job.seed).sample(pool, setting.train_prompts)
     held = held_out_dataset(held_problems[: setting.held_out])
     data = {t: teacher_dataset(t, prompts, job.seed) for t in setting.teachers}
@@ -227,7 +232,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
         learning_rate=setting.learning_rate, lr_scheduler_type="constant",
         per_device_train_batch_size=setting.batch_size,
         gradient_checkpointing=False, report_to=[], disable_tqdm=True, logging_steps=10**6, seed=job.seed,
-        dataloader_pin_memory=False, overwrite_output_dir=True, assistant_only_loss=False,
+        dataloader_pin_memory=False, overwrite_output_dir=True, assistant_only_loss=False, bf16=setting.bf16,
         branch_state="persistent" if job.method.startswith("mot-persistent") else "fresh",
         allow_single_teacher=job.method == "restart-only", **scoring,
     )  # fmt: skip
@@ -285,11 +290,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="steps per branch per round (default 10; paper 50)")
     parser.add_argument("--regime", choices=sorted(REGIMES), default="shared",
-                        help="teachers: 'shared' (the first design) or 'formats' (traces differ from the first token)")
+                        help="teachers: 'shared' (the first design), 'formats' (traces differ from the first token), "
+                        "or 'multiply' (the second task: products, teachers as in 'shared')")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *EXPLORATORY], default=None,
                         help="default: the regime's pre-registered ones; the exploratory ones run only when named")
     parser.add_argument("--exploratory", nargs="+", choices=list(EXPLORATORY), default=[],
                         help="also run these methods added after the design; reported apart, beside the others")
+    parser.add_argument("--bf16", action="store_true", help="nf4 compute and TRL's autocast in bf16 instead of "
+                        "fp32 (issue 38's CPU study); cached and reported apart (suffix _bf16)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -299,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     from merge_of_thought.students import smollm2_135m
 
     keep_freed_memory()
-    setting = dataclasses.replace(QUICK if args.quick else Setting(), regime=args.regime)
+    setting = dataclasses.replace(QUICK if args.quick else Setting(), regime=args.regime, bf16=args.bf16,
+                                  **({} if args.quick else REGIME_SETTINGS.get(args.regime, {})))
     methods = list(dict.fromkeys([*(args.methods or default_methods(args.regime)), *args.exploratory]))
     unknown = [m for m in methods if m.startswith("std-") and m[4:] not in setting.teachers]
     if unknown:
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps:
         setting = dataclasses.replace(setting, steps_per_round=args.steps)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    regime = "" if args.regime == "shared" else f"-{args.regime}"
+    regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
     tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"

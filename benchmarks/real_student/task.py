@@ -1,4 +1,5 @@
-"""The real-student miniature's task: sums of three two-digit numbers, two regimes of four teachers, a forgetting probe.
+"""The real-student miniature's tasks: sums of three two-digit numbers (two regimes of four teachers), products of two
+two-digit numbers (the second task, one regime), and a forgetting probe.
 
 Fixed before any training run of each regime (README.md beside this file says why). Everything is chat-formatted for the
 instruct student: the user asks, the assistant reasons and ends with ``#### <n>``.
@@ -13,7 +14,9 @@ from datasets import Dataset
 
 # "shared": the first design (one final-answer line, paths and lengths differ, one teacher writes sentences).
 # "formats": four correct teachers whose traces differ from the first token (the toy's formats regime).
-REGIMES = {"shared": ("left", "verbose", "right", "noisy"), "formats": ("left", "verbose", "column", "grouped")}
+# "multiply": the second task (issue 39): products, where the skill must be learned, teachers as in "shared".
+REGIMES = {"shared": ("left", "verbose", "right", "noisy"), "formats": ("left", "verbose", "column", "grouped"),
+           "multiply": ("left", "verbose", "right", "noisy")}
 TEACHERS = REGIMES["shared"]
 NOISE = 0.35  # share of the noisy teacher's traces with one wrong step (propagated to a wrong answer)
 SPLIT_SEED = 1234  # the train/held-out split of all problems, fixed for every seed
@@ -34,20 +37,62 @@ class Problem:
         return f"What is {self.a} + {self.b} + {self.c}? Think step by step, then give the final answer after ####."
 
 
-def split(held_out: int = 300) -> tuple[list[Problem], list[Problem]]:
-    """(training pool, held-out problems): disjoint, the same for every seed."""
+@dataclass(frozen=True)
+class Product:
+    """The second task: the product of two two-digit numbers (both digits of the second factor not 0 or 1, so
+    each partial product is work)."""
+
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a * self.b
+
+    @property
+    def question(self) -> str:
+        return f"What is {self.a} × {self.b}? Think step by step, then give the final answer after ####."
+
+
+def split(held_out: int = 300, regime: str = "shared") -> tuple[list, list]:
+    """(training pool, held-out problems) of the regime's task: disjoint, the same for every seed."""
     rng = random.Random(SPLIT_SEED)
     seen, problems = set(), []
-    while len(problems) < 6000:
-        p = Problem(rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99))
-        if (p.a, p.b, p.c) not in seen:
-            seen.add((p.a, p.b, p.c))
+    while len(problems) < (3000 if regime == "multiply" else 6000):  # 90 x 64 = 5760 distinct products
+        if regime == "multiply":
+            p = Product(rng.randint(11, 99), rng.choice([b for b in range(22, 100) if b % 10 > 1 and b // 10 > 1]))
+        else:
+            p = Problem(rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99))
+        if p not in seen:
+            seen.add(p)
             problems.append(p)
     return problems[held_out:], problems[:held_out]
 
 
-def trace(teacher: str, p: Problem, rng: random.Random) -> str:
+def product_trace(teacher: str, p: Product, rng: random.Random) -> str:
+    """A teacher's chain of thought for a product: the second factor split into tens and ones (left), the same in
+    sentences (verbose), the first factor split instead (right), or left with a slip in 35% of the traces."""
+    tens, ones = p.b // 10 * 10, p.b % 10
+    if teacher in ("left", "noisy"):
+        high, low = p.a * tens, p.a * ones
+        if teacher == "noisy" and rng.random() < NOISE:  # one partial product off by a multiple of ten or by a
+            low += rng.choice([-10, 10, -p.a, p.a])  # factor, carried to a wrong answer
+        return f"{p.a} × {tens} = {high}\n{p.a} × {ones} = {low}\n{high} + {low} = {high + low}\n#### {high + low}"
+    if teacher == "verbose":
+        high, low = p.a * tens, p.a * ones
+        return (f"First I multiply {p.a} by the tens of {p.b}: {p.a} × {tens} = {high}.\nThen by the ones: "
+                f"{p.a} × {ones} = {low}.\nThen I add them: {high} + {low} = {p.answer}.\n#### {p.answer}")
+    if teacher == "right":
+        a_tens, a_ones = p.a // 10 * 10, p.a % 10
+        high, low = a_tens * p.b, a_ones * p.b
+        return f"{a_tens} × {p.b} = {high}\n{a_ones} × {p.b} = {low}\n{high} + {low} = {p.answer}\n#### {p.answer}"
+    raise ValueError(f"unknown teacher {teacher!r} of the multiply task")
+
+
+def trace(teacher: str, p: Problem | Product, rng: random.Random) -> str:
     """One teacher's chain of thought for ``p``; every teacher ends with the same ``#### <n>`` line."""
+    if isinstance(p, Product):
+        return product_trace(teacher, p, rng)
     if teacher == "left":  # left to right, terse
         ab = p.a + p.b
         return f"{p.a} + {p.b} = {ab}\n{ab} + {p.c} = {ab + p.c}\n#### {p.answer}"
@@ -76,7 +121,7 @@ def trace(teacher: str, p: Problem, rng: random.Random) -> str:
     raise ValueError(f"unknown teacher {teacher!r}")
 
 
-def teacher_dataset(teacher: str, problems: list[Problem], seed: int) -> Dataset:
+def teacher_dataset(teacher: str, problems: list[Problem] | list[Product], seed: int) -> Dataset:
     """Conversational prompt-completion rows of one teacher on the given prompts (loss on the completion only)."""
     rng = random.Random(f"{teacher}-{seed}")
     return Dataset.from_list([
@@ -86,7 +131,7 @@ def teacher_dataset(teacher: str, problems: list[Problem], seed: int) -> Dataset
     ])  # fmt: skip
 
 
-def held_out_dataset(problems: list[Problem]) -> Dataset:
+def held_out_dataset(problems: list[Problem] | list[Product]) -> Dataset:
     """Rows MoTConfig's per-round accuracy reads: a ``prompt`` (chat messages) and the ``answer``."""
     return Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}], "answer": str(p.answer)}
                               for p in problems])  # fmt: skip
