@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.results)
     path = out / "cpu_bf16_accuracy.json"
-    record = {"command": "python benchmarks/perf/cpu_bf16_accuracy.py " + " ".join(argv or sys.argv[1:]),
+    record = {"command": ("python benchmarks/perf/cpu_bf16_accuracy.py " + " ".join(argv or sys.argv[1:])).strip(),
               "machine": machine, "students": {}}  # fmt: skip
     for student in args.students:
         runs: dict[str, dict[int, dict]] = {p: {} for p in PRECISIONS}

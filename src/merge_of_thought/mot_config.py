@@ -100,8 +100,10 @@ class MoTConfig(SFTConfig):
         bf16 (`bool` or `None`): as in TRL, except that on a machine without a GPU it defaults to `False`: bf16
             autocast on CPUs without native bf16 ran TRL's SFT steps 57-70x slower than fp32 (an AMD EPYC without
             AVX512: 57x for an fp32 and 34x for an nf4 student, benchmarks/results/cpu_bf16.md). On a CPU with
-            AVX512-BF16 bf16 was faster (0.72x fp32's step time for an fp32 student, 0.80x for nf4), but what it does
-            to a MoT run's accuracy there is not measured yet, so the default stays `False`; set it yourself there.
+            AVX512-BF16 or AMX, whole MoT runs of SmolLM2-135M in nf4 took 0.75x the time at the same accuracy
+            (+0.003 over 3 seeds), but the demo's tiny student lost 0.13 and ran 1.35x slower
+            (benchmarks/results/cpu_bf16_accuracy.md), so the default stays `False`: set it for a real model on
+            such a CPU. `True` without a GPU sets `use_cpu` (transformers refuses bf16 there otherwise).
         dataloader_pin_memory (`bool`): `False` on a machine without a GPU, where pinning does nothing (and torch
             warns about it in every branch).
         gradient_checkpointing (`bool`, defaults to `True`): as in TRL; read as transformers'
