@@ -54,13 +54,16 @@ class Product:
         return f"What is {self.a} × {self.b}? Think step by step, then give the final answer after ####."
 
 
+SECOND_FACTORS = [b for b in range(22, 100) if b % 10 > 1 and b // 10 > 1]  # neither digit 0 or 1
+
+
 def split(held_out: int = 300, regime: str = "shared") -> tuple[list, list]:
     """(training pool, held-out problems) of the regime's task: disjoint, the same for every seed."""
     rng = random.Random(SPLIT_SEED)
     seen, problems = set(), []
     while len(problems) < (3000 if regime == "multiply" else 6000):  # 90 x 64 = 5760 distinct products
         if regime == "multiply":
-            p = Product(rng.randint(11, 99), rng.choice([b for b in range(22, 100) if b % 10 > 1 and b // 10 > 1]))
+            p = Product(rng.randint(11, 99), rng.choice(SECOND_FACTORS))
         else:
             p = Problem(rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99))
         if p not in seen:

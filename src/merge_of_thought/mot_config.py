@@ -286,18 +286,20 @@ class MoTConfig(SFTConfig):
     def __post_init__(self):
         distributed.detach_from_launcher()  # before the device set-up: each branch trains in one process
         devices.check_mixed_precision(self.bf16, self.fp16, self.use_cpu)  # before transformers' vaguer error
-        if self.bf16 is None and not self.fp16 and (self.use_cpu or not has_accelerator()):
+        no_gpu = not has_accelerator()
+        on_cpu = self.use_cpu or no_gpu
+        if self.bf16 is None and not self.fp16 and on_cpu:
             # documented above; at INFO it was printed before every command's output, errors included
             logger.debug("No GPU found: MoTConfig sets bf16=False (bf16 autocast is very slow on most CPUs).")
             self.bf16 = False
-        elif self.bf16 and (self.use_cpu or not has_accelerator()) and not _cpu_has_native_bf16():
+        elif self.bf16 and on_cpu and not _cpu_has_native_bf16():
             warnings.warn(
                 "bf16=True on a CPU without native bf16: SFT steps can run ~70x slower than with bf16=False.",
                 stacklevel=3,
             )
-        if self.bf16 and not has_accelerator():
+        if self.bf16 and no_gpu:
             self.use_cpu = True  # transformers refuses bf16 without a GPU unless told to train on the CPU
-        if self.use_cpu or not has_accelerator():
+        if on_cpu:
             self.dataloader_pin_memory = False  # pinned memory needs a GPU; torch warns in every branch otherwise
         _read_checkpointing_alias(self)
         if isinstance(self.teacher_weights, str):
