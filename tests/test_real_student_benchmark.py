@@ -81,6 +81,13 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     mot = next(r for r in saved["runs"] if r["name"] == "MoT")
     assert [p["steps"] for p in mot["curve"]] == [0, 4, 8] and all("merge_kept_norm" in p for p in mot["curve"][1:])
     assert all(0 <= p["accuracy"] <= 1 and p["general_nll"] > 0 for p in mot["curve"])
+    # the second forgetting probe: the facts the untrained student stated, asked again at every scoring point
+    known = json.loads((tmp_path / "work" / f"quick-{bench.quality.machine_tag(bench.quality.machine())}"
+                        / "known_facts.json").read_text())  # fmt: skip
+    assert known["asked"] == 8 and 0 < len(known["known"]) <= 8 and known["facts_kept"] > 0.5
+    assert all(0 <= p["facts_kept"] <= 1 for p in mot["curve"]) and mot["curve"][0]["facts_kept"] == known["facts_kept"]
+    assert set(saved["summary"]["facts"]) == {"MoT", "MoT-val-weighted"}
+    assert "| MoT | 0 |" in (results / "real_student_quick_exploratory.md").read_text().split("Second probe")[1]
     assert (results / "real_student_quick_exploratory.png").read_bytes().startswith(b"\x89PNG")
     assert "| MoT | 8 |" in (results / "real_student_quick_exploratory.md").read_text()
     identity = bench.quality.machine()
@@ -102,6 +109,24 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
                          "--results-dir", str(results)])  # fmt: skip
     assert set(report["methods"]) == {"MoT"} and report["not_run"] == ["MTD seed 0"]  # reported, nothing trained
     assert "Not run yet (cached runs only): MTD seed 0." in (results / "real_student_quick.md").read_text()
+
+
+def test_the_second_probe_reads_mtd_where_its_accuracy_is_read_and_skips_runs_without_it(bench):
+    """facts_summary: MTD's run gives MTD-50 (its step-50 point) and MTD-200 (its end); a run cached before the
+    probe existed adds no row; fact forgetting is start minus end."""
+    setting = bench.Setting()
+    start = {"steps": 0, "facts_kept": 0.9}
+    mtd = {"name": "MTD", "job": {"seed": 0}, "curve": [start, {"steps": 50, "facts_kept": 0.8},
+                                                        {"steps": 200, "facts_kept": 0.5}]}  # fmt: skip
+    old = {"name": "STD-left", "job": {"seed": 0}, "curve": [{"steps": 0}, {"steps": 50}]}
+    rows = bench.facts_summary([mtd, old], setting)
+    assert set(rows) == {"MTD-50", "MTD-200"}
+    assert rows["MTD-50"]["fact_forgetting"]["mean"] == pytest.approx(0.1)
+    assert rows["MTD-200"]["facts_kept"]["mean"] == 0.5
+    assert rows["MTD-200"]["fact_forgetting"]["mean"] == pytest.approx(0.4)
+    table = bench.facts_markdown({"facts": rows, "known_facts": 30})
+    assert "| MTD-200 | 0 | 0.500 +- 0.000 | 0.400 +- 0.000 |" in table and "the 30 facts" in table
+    assert bench.facts_markdown({"facts": {}}) == ""
 
 
 def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from hardware import keep_freed_memory  # noqa: E402
-from task import GENERAL_PROMPTS, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
+from task import FACT_QUESTIONS, GENERAL_PROMPTS, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("quality_run", HERE.parent / "quality" / "run.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -43,6 +43,8 @@ RESULTS = HERE.parent / "results"
 RUNS = RESULTS / "runs" / "real_student"  # committed: the machines' home folders do not outlive a session
 PROBE = ("Probe score: minus the mean token NLL of the untrained student's own answers to 20 general questions; "
          "forgetting: its rise, end minus start (0 = nothing forgotten).")
+FACTS = ("Second probe (runs from 2026-12-06 on): the share of the facts the untrained student stated (task.py's "
+         "FACT_QUESTIONS, greedy) that a student still states; fact forgetting: its fall, start minus end.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Setting(quality.Setting):
     max_new_tokens: int = 64
     general_prompts: int = 20  # of task.GENERAL_PROMPTS, for forgetting
     general_tokens: int = 48  # the untrained student's answer length to them
+    facts: int = 40  # of task.FACT_QUESTIONS: the second forgetting probe
+    fact_tokens: int = 40
     validation: int = 50  # held-out problems after the scored ones: mot-val-weighted's branch scores
     regime: str = "shared"  # task.REGIMES: "shared" (the first design), "formats", or "multiply" (the second task)
     bf16: bool = False  # nf4 compute and TRL's autocast in bf16 (issue 38's CPU study; fast with AVX512-BF16 only)
@@ -69,7 +73,7 @@ class Setting(quality.Setting):
 # Fixed in each regime's design where it differs from Setting's (README.md): the products' verbose trace is longer.
 REGIME_SETTINGS: dict[str, dict] = {"multiply": {"max_new_tokens": 96}}
 QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
-                general_prompts=4, general_tokens=12, validation=4)
+                general_prompts=4, general_tokens=12, validation=4, facts=8, fact_tokens=12)
 
 # MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher, T x S with a fresh
 # branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher of the regime.
@@ -124,6 +128,28 @@ def load_student(folder: str, bf16: bool = False):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """What forgetting is measured on (README.md): the untrained student's own greedy answers to the general prompts
+    (their NLL) and the facts (question, answer pattern) it stated."""
+
+    general_answers: list[str]
+    facts: list[tuple[str, str]]
+
+
+def facts_stated(model, tokenizer, facts: list[tuple[str, str]], setting: Setting) -> list[bool]:
+    """Whether the model's greedy answer to each question matches its answer pattern (word boundaries, any case)."""
+    from merge_of_thought.evaluation import generate_completions
+
+    if not facts:
+        return []
+    prompts = [[{"role": "user", "content": question}] for question, _ in facts]
+    answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
+                                   max_new_tokens=setting.fact_tokens, disable_tqdm=True)  # fmt: skip
+    return [re.search(rf"\b(?:{pattern})\b", answer, re.IGNORECASE) is not None
+            for (_, pattern), answer in zip(facts, answers)]  # fmt: skip
+
+
 def response_nll(model, tokenizer, prompts, responses) -> float:
     """Mean per-token NLL of ``responses`` to chat ``prompts``: how well the model still says what it said."""
     import torch
@@ -146,11 +172,12 @@ def response_nll(model, tokenizer, prompts, responses) -> float:
     return total / max(count, 1)
 
 
-def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[list[str], dict]:
-    """The untrained student's greedy answers to the general prompts (the forgetting reference) and its scores,
-    every curve's step 0: computed once from one load of the student, cached in ``work``."""
+def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[Probes, dict]:
+    """The forgetting probes (the untrained student's greedy answers to the general prompts; the facts it states)
+    and its scores, every curve's step 0: computed once from one load of the student, cached in ``work``."""
     answers_path, start_path = work / "general_answers.json", work / "untrained.json"
-    if not (answers_path.exists() and start_path.exists()):
+    facts_path = work / "known_facts.json"
+    if not (answers_path.exists() and start_path.exists() and facts_path.exists()):
         from merge_of_thought.evaluation import generate_completions
 
         model, tokenizer = load_student(folder, setting.bf16)
@@ -159,10 +186,19 @@ def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[list[s
             answers = generate_completions(model, tokenizer, prompts, batch_size=len(prompts),
                                            max_new_tokens=setting.general_tokens, disable_tqdm=True)  # fmt: skip
             quality.write_json_atomic(answers_path, answers)
-        references = json.loads(answers_path.read_text())
-        held = held_out_dataset(split(regime=setting.regime)[1][: setting.held_out])
-        quality.write_json_atomic(start_path, score(model, tokenizer, held, references, setting))
-    return json.loads(answers_path.read_text()), json.loads(start_path.read_text())
+        if not facts_path.exists():  # added after general_answers.json: older caches get it on their next run
+            asked = list(FACT_QUESTIONS[: setting.facts])
+            known = [fact for fact, right in zip(asked, facts_stated(model, tokenizer, asked, setting)) if right]
+            kept = facts_stated(model, tokenizer, known, setting)  # the start, on the batch every score asks
+            quality.write_json_atomic(facts_path, {"known": known, "asked": len(asked),
+                                                   "facts_kept": sum(kept) / max(len(known), 1)})  # fmt: skip
+        probes = Probes(json.loads(answers_path.read_text()), [])
+        if not start_path.exists():
+            held = held_out_dataset(split(regime=setting.regime)[1][: setting.held_out])
+            quality.write_json_atomic(start_path, score(model, tokenizer, held, probes, setting))
+    facts = json.loads(facts_path.read_text())
+    probes = Probes(json.loads(answers_path.read_text()), [tuple(fact) for fact in facts["known"]])
+    return probes, {**json.loads(start_path.read_text()), "facts_kept": facts["facts_kept"]}
 
 
 def seed_folder(seed: int, methods: list[str], here: Path, training: bool) -> Path:
@@ -188,20 +224,25 @@ def folder_machine(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def score(model, tokenizer, held, references, setting: Setting) -> dict:
-    """Held-out accuracy (greedy, final answer after ####) and the NLL of the student's own general answers."""
+def score(model, tokenizer, held, probes: Probes, setting: Setting) -> dict:
+    """Held-out accuracy (greedy, final answer after ####), the NLL of the student's own general answers and the
+    share of the known facts it still states (when there are any)."""
     from merge_of_thought.evaluation import generation_accuracy, prompts_and_answers
 
     prompts, answers = prompts_and_answers(held, len(held), None)
     result = generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
                                  max_new_tokens=setting.max_new_tokens, answer_match="numeric",
                                  disable_tqdm=True)  # fmt: skip
-    return {"accuracy": result.accuracy,
-            "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS[: len(references)], references),
-            "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
+    references = probes.general_answers
+    scores = {"accuracy": result.accuracy,
+              "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS[: len(references)], references),
+              "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
+    if probes.facts:
+        scores["facts_kept"] = sum(facts_stated(model, tokenizer, probes.facts, setting)) / len(probes.facts)
+    return scores
 
 
-def run_job(job: Job, setting: Setting, folder: str, references: list[str], start_point: dict) -> dict:
+def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point: dict) -> dict:
     """Train one method for one seed; return its curve of scores (step 0 = the untrained student)."""
     import torch
     from peft import LoraConfig
@@ -254,7 +295,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
                 if weighted:
                     keep.update(branch_accuracy=dict(branch_scores), weights=metrics["merge_weights"])
                 curve.append({"steps": round_idx * per_round, "round": round_idx,
-                              **score(trainer.model, tokenizer, held, references, setting), **keep})  # fmt: skip
+                              **score(trainer.model, tokenizer, held, probes, setting), **keep})  # fmt: skip
 
         callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), ScoreRound()]
     else:
@@ -266,7 +307,7 @@ def run_job(job: Job, setting: Setting, folder: str, references: list[str], star
         class ScoreEvery(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every == 0:
-                    curve.append({"steps": state.global_step, **score(model, tokenizer, held, references, setting)})
+                    curve.append({"steps": state.global_step, **score(model, tokenizer, held, probes, setting)})
 
         callbacks = [ScoreEvery()]
     MoTTrainer(model, args=args, teachers=teachers, processing_class=tokenizer, peft_config=lora,
@@ -281,7 +322,39 @@ def summarize(results: list[dict], setting: Setting) -> dict:
     for result in results:  # the quality summary reads "pretrain_accuracy"; here it is minus the NLL
         for point in result["curve"]:
             point["pretrain_accuracy"] = -point["general_nll"]
-    return quality.summarize(results, setting)
+    return {**quality.summarize(results, setting), "facts": facts_summary(results, setting)}
+
+
+def facts_summary(results: list[dict], setting: Setting) -> dict:
+    """The second probe per reported row (MTD read at T*S steps and at the end, as the accuracy is), over the seeds
+    whose runs measured it (runs cached before it was added did not)."""
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    for result in results:
+        curve = result["curve"]
+        reads = {result["name"]: curve[-1]}
+        if result["name"] == "MTD":
+            reads = {f"MTD-{setting.path_steps}": quality._at(curve, setting.path_steps),
+                     f"MTD-{setting.compute_steps}": curve[-1]}  # fmt: skip
+        for label, point in reads.items():
+            if "facts_kept" in point and "facts_kept" in curve[0]:
+                rows.setdefault(label, {})[result["job"]["seed"]] = (curve[0]["facts_kept"], point["facts_kept"])
+    return {label: {"seeds": sorted(by_seed),
+                    "facts_kept": quality._mean_std([by_seed[s][1] for s in sorted(by_seed)]),
+                    "fact_forgetting": quality._mean_std([by_seed[s][0] - by_seed[s][1] for s in sorted(by_seed)])}
+            for label, by_seed in rows.items()}  # fmt: skip
+
+
+def facts_markdown(summary: dict) -> str:
+    """The second probe's table, for the rows that have it ("" when none has)."""
+    if not summary.get("facts"):
+        return ""
+    known = summary.get("known_facts")
+    lines = ["", FACTS + (f" The probe: the {known} facts the untrained student stated." if known else ""), "",
+             "| method | seeds | facts kept | fact forgetting |", "|---|---|---:|---:|"]  # fmt: skip
+    for label, row in summary["facts"].items():
+        lines.append(f"| {label} | {', '.join(map(str, row['seeds']))} | {quality._fmt(row['facts_kept'])} "
+                     f"| {quality._fmt(row['fact_forgetting'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -335,14 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
         start_point = json.loads((folders[jobs[0].seed] / "untrained.json").read_text())  # written before any run
     else:
         folder = str(smollm2_135m())
-        references, start_point = untrained_student(folder, work, setting)
+        probes, start_point = untrained_student(folder, work, setting)
     results = []
     for done, job in enumerate(jobs, 1):  # one job at a time: each uses both cores
         path = cached[job]
         if path.exists():
             result = {"machine": folder_machine(path.parent), **json.loads(path.read_text()), "cached": True}
         else:
-            result = {**run_job(job, setting, folder, references, start_point), "machine": identity}
+            result = {**run_job(job, setting, folder, probes, start_point), "machine": identity}
             quality.write_json_atomic(path, result)
         results.append(result)
         final = result["curve"][-1]
@@ -356,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
                    for r in results), untrained=start_point, not_run=not_run,
                    machine=next(iter(machines.values())) if one_machine else None,
                    machines_per_seed=None if one_machine else machines)  # fmt: skip
+    if (work / "known_facts.json").exists():
+        summary["known_facts"] = len(json.loads((work / "known_facts.json").read_text())["known"])
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
                           else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
@@ -366,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}, {args.regime} regime"
     quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
                            title=title, design="benchmarks/real_student/README.md", probe=PROBE)  # fmt: skip
+    with open(out / f"real_student{suffix}.md", "a") as report:
+        report.write(facts_markdown(summary))
     quality.plot(results, summary, out / f"real_student{suffix}.png", probe_is_accuracy=False)
     print((out / f"real_student{suffix}.md").read_text())
     return summary

@@ -151,3 +151,29 @@ GENERAL_PROMPTS = (
     "Name a fruit that is yellow.", "What language is spoken in Brazil?", "What is the freezing point of water?",
     "How many legs does a spider have?", "What is the main ingredient of bread?",
 )  # fmt: skip
+
+# The second forgetting probe (README.md): facts the pretrained student states, none of them a GENERAL_PROMPTS
+# question. Each answer is a regular expression matched with word boundaries, in any case.
+FACT_QUESTIONS = (
+    ("What is the capital of Japan?", "tokyo"), ("What is the capital of Italy?", "rome"),
+    ("What is the capital of Germany?", "berlin"), ("What is the capital of Spain?", "madrid"),
+    ("What is the capital of the United Kingdom?", "london"), ("What is the capital of Russia?", "moscow"),
+    ("What is the capital of Egypt?", "cairo"), ("What is the capital of China?", "beijing"),
+    ("What is the capital of Canada?", "ottawa"), ("What is the capital of Australia?", "canberra"),
+    ("What is the capital of Greece?", "athens"), ("What is the capital of Portugal?", "lisbon"),
+    ("Which planet is known as the Red Planet?", "mars"), ("What is the chemical symbol for gold?", "au"),
+    ("What is the closest star to Earth?", "sun"), ("Which metal is liquid at room temperature?", "mercury"),
+    ("Which organ pumps blood through the body?", "heart"), ("What is the hardest natural substance?", "diamonds?"),
+    ("What is the largest mammal?", "(blue )?whales?"), ("What force keeps us on the ground?", "gravity"),
+    ("What is the largest ocean on Earth?", "pacific"), ("What is the tallest mountain in the world?", "everest"),
+    ("What is the longest river in Africa?", "nile"), ("How many continents are there?", "seven|7"),
+    ("In which country are the pyramids of Giza?", "egypt"), ("What language is mainly spoken in Mexico?", "spanish"),
+    ("What is the currency of Japan?", "yen"), ("In which country is the Eiffel Tower?", "france"),
+    ("What is the largest country by area?", "russia"),
+    ("Who was the first president of the United States?", "washington"),
+    ("Who painted the Mona Lisa?", "leonardo|da vinci"), ("Who developed the theory of relativity?", "einstein"),
+    ("Who discovered penicillin?", "fleming"), ("Who wrote the Odyssey?", "homer"),
+    ("Which animal is known as the king of the jungle?", "lions?"), ("How many hours are in a day?", "24|twenty-four"),
+    ("Which animal says moo?", "cows?"), ("How many minutes are in an hour?", "60|sixty"),
+    ("What does a caterpillar turn into?", "butterfly|butterflies|moth"), ("What do cows drink as calves?", "milk"),
+)  # fmt: skip
