@@ -87,6 +87,8 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     assert known["asked"] == 8 and 0 < len(known["known"]) <= 8 and known["facts_kept"] > 0.5
     assert all(0 <= p["facts_kept"] <= 1 for p in mot["curve"]) and mot["curve"][0]["facts_kept"] == known["facts_kept"]
     assert set(saved["summary"]["facts"]) == {"MoT", "MoT-val-weighted"}
+    # the validation problems are scored where a run is read (the learning-rate grid chooses by them), not before
+    assert "validation_accuracy" in mot["curve"][-1] and not any("validation_accuracy" in p for p in mot["curve"][:-1])
     assert "| MoT | 0 |" in (results / "real_student_quick_exploratory.md").read_text().split("Second probe")[1]
     assert (results / "real_student_quick_exploratory.png").read_bytes().startswith(b"\x89PNG")
     assert "| MoT | 8 |" in (results / "real_student_quick_exploratory.md").read_text()
@@ -158,3 +160,34 @@ def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "Machines, per seed (each seed's runs on one): seed 0: CPU A, family 1 model 1 (none of" in text
     assert "seed 1: not recorded." in text
+
+
+def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_smaller_rate(tmp_path):
+    """lr_grid.py over runs cached per rate (run.py --learning-rate): each row's rate is its best validation
+    accuracy, whatever the held-out accuracy says; a tie goes to the smaller rate; a choice at the edge says so."""
+    grid = load_benchmark("real_student/lr_grid.py")
+    machine = grid.run.quality.machine()
+    scores = {2e-4: (0.50, 0.90, 0.30), 1e-3: (0.60, 0.10, 0.30)}  # rate: MoT's validation, held-out; MTD's val.
+    for rate, (mot_val, mot_held, mtd_val) in scores.items():
+        folder = tmp_path / "work" / f"quick-lr{rate:g}-{grid.run.quality.machine_tag(machine)}"
+        folder.mkdir(parents=True)
+        start = {"accuracy": 0.0, "general_nll": 1.0}
+        (folder / "untrained.json").write_text(json.dumps(start))
+        mot = [{"steps": 0, **start}, {"steps": 4, "round": 1, "accuracy": 0.2, "general_nll": 1.1},
+               {"steps": 8, "round": 2, "accuracy": mot_held, "general_nll": 1.2, "validation_accuracy": mot_val}]
+        mtd = [{"steps": 0, **start}, {"steps": 2, "accuracy": 0.1, "general_nll": 1.1, "validation_accuracy": 0.2},
+               {"steps": 8, "accuracy": 0.3, "general_nll": 1.3, "validation_accuracy": mtd_val}]
+        for name, method, curve in (("MoT", "mot", mot), ("MTD", "mtd", mtd)):
+            run = {"job": {"method": method, "seed": 0}, "name": name, "curve": curve, "seconds": 1.0}
+            (folder / f"{name}-seed0.json").write_text(json.dumps(run))
+    result = grid.main(["--quick", "--cached-only", "--rates", "2e-4", "1e-3", "--methods", "mot", "mtd",
+                        "--exploratory", "mtd-parallel", "--work-dir", str(tmp_path / "work"),
+                        "--results-dir", str(tmp_path / "out")])  # fmt: skip
+    rows = result["rows"]
+    assert rows["MoT"]["choice"] == {"rate": 1e-3, "validation_accuracy": 0.6, "edge": True}  # not the held-out 0.9
+    assert rows["MTD-2"]["choice"]["rate"] == 2e-4 and rows["MTD-8"]["choice"]["rate"] == 2e-4  # ties: the smaller
+    assert rows["MoT"]["rates"][2e-4] == {"validation": 0.5, "held_out": 0.9}
+    table = (tmp_path / "out" / "real_student_lr_grid_quick.md").read_text()
+    assert "| MoT | 0.50 / 0.90 | 0.60 / 0.10 | 0.001 (edge) |" in table
+    assert grid.choose({5e-4: 0.4, 1e-3: 0.5, 2e-3: 0.3}, [5e-4, 1e-3, 2e-3]) == {
+        "rate": 1e-3, "validation_accuracy": 0.5, "edge": False}

@@ -224,21 +224,29 @@ def folder_machine(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def score(model, tokenizer, held, probes: Probes, setting: Setting) -> dict:
-    """Held-out accuracy (greedy, final answer after ####), the NLL of the student's own general answers and the
-    share of the known facts it still states (when there are any)."""
+def accuracy(model, tokenizer, problems, setting: Setting):
+    """Greedy accuracy of the final answer after #### on ``problems`` (held_out_dataset rows), with its records."""
     from merge_of_thought.evaluation import generation_accuracy, prompts_and_answers
 
-    prompts, answers = prompts_and_answers(held, len(held), None)
-    result = generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
-                                 max_new_tokens=setting.max_new_tokens, answer_match="numeric",
-                                 disable_tqdm=True)  # fmt: skip
+    prompts, answers = prompts_and_answers(problems, len(problems), None)
+    return generation_accuracy(model, tokenizer, prompts, answers, batch_size=len(prompts),
+                               max_new_tokens=setting.max_new_tokens, answer_match="numeric",
+                               disable_tqdm=True)  # fmt: skip
+
+
+def score(model, tokenizer, held, probes: Probes, setting: Setting, validation=None) -> dict:
+    """Held-out accuracy (greedy, final answer after ####), the NLL of the student's own general answers, the
+    share of the known facts it still states (when there are any) and, at a run's reported reads, the accuracy on
+    the ``validation`` problems (what a learning rate is chosen by: never the held-out ones)."""
+    result = accuracy(model, tokenizer, held, setting)
     references = probes.general_answers
     scores = {"accuracy": result.accuracy,
               "general_nll": response_nll(model, tokenizer, GENERAL_PROMPTS[: len(references)], references),
               "samples": [r["completion"] for r in result.records[:3]]}  # fmt: skip
     if probes.facts:
         scores["facts_kept"] = sum(facts_stated(model, tokenizer, probes.facts, setting)) / len(probes.facts)
+    if validation is not None:
+        scores["validation_accuracy"] = accuracy(model, tokenizer, validation, setting).accuracy
     return scores
 
 
@@ -263,8 +271,9 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
     curve = [{"steps": 0, **start_point}]
     run_dir = tempfile.TemporaryDirectory(prefix="mot-real-")
     weighted = job.method == "mot-val-weighted"  # each branch scored on the validation problems (never trained on)
-    validation = (teacher_dataset("left", held_problems[setting.held_out:][: setting.validation], job.seed)
-                  if weighted else None)  # fmt: skip
+    validation_problems = held_problems[setting.held_out :][: setting.validation]
+    reads = held_out_dataset(validation_problems)  # scored at the reported reads: the learning-rate grid's choice
+    validation = teacher_dataset("left", validation_problems, job.seed) if weighted else None
     scoring = dict(eval_accuracy_samples=setting.validation, eval_max_new_tokens=setting.max_new_tokens,
                    per_device_eval_batch_size=setting.validation, teacher_weighting="eval_accuracy",
                    answer_match="numeric") if weighted else {}  # fmt: skip
@@ -294,8 +303,9 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
                 keep = {k: metrics[k] for k in ("merge_rank", "merge_kept_norm") if k in metrics}
                 if weighted:
                     keep.update(branch_accuracy=dict(branch_scores), weights=metrics["merge_weights"])
+                last = reads if round_idx == setting.rounds else None  # MoT is read at its last round
                 curve.append({"steps": round_idx * per_round, "round": round_idx,
-                              **score(trainer.model, tokenizer, held, probes, setting), **keep})  # fmt: skip
+                              **score(trainer.model, tokenizer, held, probes, setting, last), **keep})  # fmt: skip
 
         callbacks = [*quality.outer_steps(EXPLORATORY.get(job.method, {})), ScoreRound()]
     else:
@@ -306,8 +316,9 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
 
         class ScoreEvery(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % every == 0:
-                    curve.append({"steps": state.global_step, **score(model, tokenizer, held, probes, setting)})
+                if state.global_step % every == 0:  # read at T*S steps (MTD-50, STD) and at K*T*S (MTD-200)
+                    read = reads if state.global_step in (setting.path_steps, setting.compute_steps) else None
+                    curve.append({"steps": state.global_step, **score(model, tokenizer, held, probes, setting, read)})
 
         callbacks = [ScoreEvery()]
     MoTTrainer(model, args=args, teachers=teachers, processing_class=tokenizer, peft_config=lora,
@@ -322,7 +333,23 @@ def summarize(results: list[dict], setting: Setting) -> dict:
     for result in results:  # the quality summary reads "pretrain_accuracy"; here it is minus the NLL
         for point in result["curve"]:
             point["pretrain_accuracy"] = -point["general_nll"]
-    return {**quality.summarize(results, setting), "facts": facts_summary(results, setting)}
+    validation: dict[str, dict[int, float]] = {}  # by row and seed, where the run scored it (the grid's choice)
+    for result in results:
+        for label, point in reported_reads(result, setting).items():
+            if "validation_accuracy" in point:
+                validation.setdefault(label, {})[result["job"]["seed"]] = point["validation_accuracy"]
+    return {**quality.summarize(results, setting), "facts": facts_summary(results, setting),
+            "validation_accuracy": {label: {"seeds": sorted(v), **quality._mean_std([v[s] for s in sorted(v)])}
+                                    for label, v in validation.items()}}  # fmt: skip
+
+
+def reported_reads(result: dict, setting: Setting) -> dict[str, dict]:
+    """The points of one run that the report reads, by row: the end, and MTD's run also at T*S steps (MTD-50)."""
+    curve = result["curve"]
+    if result["name"] == "MTD":
+        return {f"MTD-{setting.path_steps}": quality._at(curve, setting.path_steps),
+                f"MTD-{setting.compute_steps}": curve[-1]}  # fmt: skip
+    return {result["name"]: curve[-1]}
 
 
 def facts_summary(results: list[dict], setting: Setting) -> dict:
@@ -331,11 +358,7 @@ def facts_summary(results: list[dict], setting: Setting) -> dict:
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for result in results:
         curve = result["curve"]
-        reads = {result["name"]: curve[-1]}
-        if result["name"] == "MTD":
-            reads = {f"MTD-{setting.path_steps}": quality._at(curve, setting.path_steps),
-                     f"MTD-{setting.compute_steps}": curve[-1]}  # fmt: skip
-        for label, point in reads.items():
+        for label, point in reported_reads(result, setting).items():
             if "facts_kept" in point and "facts_kept" in curve[0]:
                 rows.setdefault(label, {})[result["job"]["seed"]] = (curve[0]["facts_kept"], point["facts_kept"])
     return {label: {"seeds": sorted(by_seed),
@@ -371,6 +394,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also run these methods added after the design; reported apart, beside the others")
     parser.add_argument("--bf16", action="store_true", help="nf4 compute and TRL's autocast in bf16 instead of "
                         "fp32 (issue 38's CPU study); cached and reported apart (suffix _bf16)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"every method's learning rate (default {Setting.learning_rate:g}); given, even at the "
+                        "default, the runs are cached and reported apart (suffix _lr<rate>): issue 39's grid, whose "
+                        "runs all carry their validation accuracy")  # fmt: skip
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -388,8 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{', '.join(unknown)}: not a teacher of the {args.regime} regime {setting.teachers}")
     if args.steps:
         setting = dataclasses.replace(setting, steps_per_round=args.steps)
+    if args.learning_rate is not None:
+        setting = dataclasses.replace(setting, learning_rate=args.learning_rate)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
+    regime += "" if args.learning_rate is None else f"-lr{args.learning_rate:g}"
     tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"

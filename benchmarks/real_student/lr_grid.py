@@ -1,0 +1,116 @@
+"""Issue 39's learning-rate grid on the real student: every method at every rate (one seed), each method's rate
+chosen by its accuracy on the validation problems (held-out problems 100-149, never the 100 scored ones).
+
+    python benchmarks/real_student/lr_grid.py                      # shared regime, seed 0, rates 2e-4 5e-4 1e-3 2e-3
+    python benchmarks/real_student/lr_grid.py --rates 1e-3 2e-3    # some rates now, the others later (runs cached)
+    python benchmarks/real_student/lr_grid.py --cached-only        # the table from the runs cached so far
+    python benchmarks/real_student/lr_grid.py --regime multiply --methods mot mtd std-left --exploratory mtd-parallel
+
+Each rate is one ``run.py --learning-rate <rate>`` (its own cache folder, so the grid resumes in a later session);
+this script only reads their validation accuracies and applies the rule written in README.md before the grid ran:
+the best validation accuracy wins, a tie goes to the smaller rate, and a choice at the grid's edge asks for the
+next rate beyond it. Writes benchmarks/results/real_student_lr_grid{_<regime>}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("real_student_run", HERE / "run.py")
+run = importlib.util.module_from_spec(_spec)
+sys.modules["real_student_run"] = run
+_spec.loader.exec_module(run)
+
+RATES = (2e-4, 5e-4, 1e-3, 2e-3)
+# The shared regime's pre-registered rows (README.md, "Learning rate per method"): MoT, MTD (read as MTD-50 and
+# MTD-200), its best STD (verbose, on 3 seeds at 5e-4) and the data-parallel control.
+METHODS, EXPLORATORY = ("mot", "mtd", "std-verbose"), ("mtd-parallel",)
+
+
+def choose(validation: dict[float, float], rates: list[float]) -> dict:
+    """The rule fixed before the grid ran: the best validation accuracy, a tie to the smaller rate; ``edge`` when
+    the choice is the smallest or largest rate of the grid (the next rate beyond it is owed)."""
+    best = min(validation, key=lambda rate: (-validation[rate], rate))
+    return {"rate": best, "validation_accuracy": validation[best],
+            "edge": len(rates) > 1 and best in (min(rates), max(rates))}  # fmt: skip
+
+
+def grid_table(by_rate: dict[float, dict], rates: list[float]) -> dict[str, dict]:
+    """Per reported row: each rate's validation and held-out accuracy (seed's values), and the chosen rate."""
+    rows: dict[str, dict] = {}
+    for rate in rates:
+        summary = by_rate.get(rate)
+        if summary is None:
+            continue
+        for label, val in summary.get("validation_accuracy", {}).items():
+            held = summary["methods"][label]["accuracy"]["mean"]
+            rows.setdefault(label, {"rates": {}})["rates"][rate] = {"validation": val["mean"], "held_out": held}
+    for row in rows.values():
+        row["choice"] = choose({r: v["validation"] for r, v in row["rates"].items()}, rates)
+    return rows
+
+
+def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int) -> str:
+    lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}", "",
+             f"Command: `{command}`. Design and rule: benchmarks/real_student/README.md. Each cell: accuracy on the "
+             "50 validation problems (what chooses) / on the 100 held-out problems (reported, never used to choose). "
+             "Chosen: the best validation accuracy, a tie to the smaller rate; *edge*: the choice is at the grid's "
+             "edge, so the next rate beyond it is owed.", "",
+             "| row | " + " | ".join(f"{r:g}" for r in rates) + " | chosen |",
+             "|---|" + "---:|" * len(rates) + "---|"]  # fmt: skip
+    for label, row in rows.items():
+        cells = [f"{row['rates'][r]['validation']:.2f} / {row['rates'][r]['held_out']:.2f}" if r in row["rates"]
+                 else "-" for r in rates]  # fmt: skip
+        choice = row["choice"]
+        cells.append(f"{choice['rate']:g}" + (" (edge)" if choice["edge"] else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    parser.add_argument("--seed", type=int, default=0, help="the grid's one seed (default 0)")
+    parser.add_argument("--regime", choices=sorted(run.REGIMES), default="shared")
+    parser.add_argument("--methods", nargs="+", choices=run.METHODS, default=list(METHODS))
+    parser.add_argument("--exploratory", nargs="+", choices=list(run.EXPLORATORY), default=list(EXPLORATORY))
+    parser.add_argument("--cached-only", action="store_true", help="train nothing: the table of the cached runs")
+    parser.add_argument("--quick", action="store_true", help="smoke test (run.py --quick at each rate)")
+    parser.add_argument("--work-dir", default=str(run.RUNS))
+    parser.add_argument("--results-dir", default=str(run.RESULTS))
+    args = parser.parse_args(argv)
+    rates = sorted(args.rates)
+    by_rate: dict[float, dict] = {}
+    with tempfile.TemporaryDirectory() as reports:  # each rate's own report is not kept: this table is the result
+        for rate in rates:
+            call = ["--regime", args.regime, "--seeds", str(args.seed), "--learning-rate", f"{rate:g}",
+                    "--methods", *args.methods, "--exploratory", *args.exploratory, "--work-dir", args.work_dir,
+                    "--results-dir", reports, *(["--cached-only"] if args.cached_only else []),
+                    *(["--quick"] if args.quick else [])]  # fmt: skip
+            try:
+                by_rate[rate] = run.main(call)
+            except SystemExit as nothing_cached:  # --cached-only and no run of this rate yet
+                print(f"rate {rate:g}: {nothing_cached}", flush=True)
+    rows = grid_table(by_rate, rates)
+    command = ("python benchmarks/real_student/lr_grid.py " + " ".join(argv if argv is not None
+               else sys.argv[1:])).strip()  # fmt: skip
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
+        "" if args.regime == "shared" else f"_{args.regime}")
+    result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
+              "machine": next((s.get("machine") for s in by_rate.values()), None)}  # fmt: skip
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(rows, rates, command, args.regime, args.seed))
+    print((out / f"{stem}.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
