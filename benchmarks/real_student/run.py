@@ -95,9 +95,11 @@ METHODS = tuple(dict.fromkeys(["mot", "mot-persistent", *CONTROLS, "mtd",
 # DiLoCo's Nesterov outer step (benchmarks/quality/outer.py, its published lr 0.7 and momentum 0.9, not tuned here),
 # and merge weights from the branches' validation scores (README.md, "Exploratory").
 EXPLORATORY = {"mot-nesterov": quality.ABLATIONS["nesterov"], "mot-persistent-nesterov": quality.ABLATIONS["nesterov"],
-               "mot-val-weighted": {}, "mtd-parallel": {}}
+               "mot-val-weighted": {}, "mtd-parallel": {},
+               "mot-step1.5": {"config": {"merge_step_size": 1.5}}, "mot-step2": quality.ABLATIONS["step2"]}
 # mtd-parallel (issue 39): the data-parallel control, MTD for T*S steps with a K-fold batch (baselines.py,
 # steps="parallel"): MoT's compute in MoT's sequential steps, what K GPUs would run in MoT's wall time.
+# mot-step1.5 / mot-step2 (issue 39, item 3): the averaged update extrapolated by merge_step_size.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,8 @@ class Job:
         return {"mot": "MoT", "mot-persistent": "MoT-persistent", "restart-only": "restart-only", "mtd": "MTD",
                 "same-left": "same-left",
                 "mot-nesterov": "MoT-nesterov", "mot-persistent-nesterov": "MoT-persistent-nesterov",
-                "mot-val-weighted": "MoT-val-weighted", "mtd-parallel": "MTD-parallel"}[self.method]
+                "mot-val-weighted": "MoT-val-weighted", "mtd-parallel": "MTD-parallel",
+                "mot-step1.5": "MoT-step1.5", "mot-step2": "MoT-step2"}[self.method]
 
 
 def load_student(folder: str, bf16: bool = False):
@@ -285,6 +288,7 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
         dataloader_pin_memory=False, overwrite_output_dir=True, assistant_only_loss=False, bf16=setting.bf16,
         branch_state="persistent" if job.method.startswith("mot-persistent") else "fresh",
         allow_single_teacher=job.method == "restart-only", **scoring,
+        **EXPLORATORY.get(job.method, {}).get("config", {}),
     )  # fmt: skip
     lora = LoraConfig(r=setting.lora_r, lora_alpha=setting.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")  # fmt: skip
