@@ -132,3 +132,32 @@ def test_one_pass_under_gradient_checkpointing_computes_what_two_passes_compute(
             assert error < 1e-5, f"{name}: {error:.2e}"
     assert (one_logits - two_logits).norm() / two_logits.norm() < 1e-5
     assert (one_logits - plain_logits).norm() / plain_logits.norm() < 1e-5
+
+
+def test_a_reused_branch_adapter_starts_as_a_new_one_and_silenced_changes_nothing(qwen3_dir):
+    """Every branch of a round re-initialises one attached adapter (PEFT's add_adapter is slow): from the same
+    seed it starts where a newly added adapter starts (A drawn from the seed alone, B = 0), and once silenced the
+    student computes what it computes without it."""
+    model = student_with_merged(qwen3_dir, STUDENTS["fp32"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+    lora = quick_lora(task_type="CAUSAL_LM")
+    model = adapters.add_branch_adapter(model, adapters.BRANCH_ADAPTER, lora, seed=7)
+    new = {n: p.detach().clone() for n, p in model.named_parameters() if adapters.BRANCH_ADAPTER in n}
+    for name, param in model.named_parameters():  # a trained branch: both factors moved
+        if adapters.BRANCH_ADAPTER in name:
+            param.data += 0.1
+    torch.manual_seed(123)  # the random state the reuse finds does not matter
+    model = adapters.add_branch_adapter(model, adapters.BRANCH_ADAPTER, lora, seed=7)
+    reused = {n: p.detach() for n, p in model.named_parameters() if adapters.BRANCH_ADAPTER in n}
+    assert reused.keys() == new.keys() and all(torch.equal(reused[n], new[n]) for n in new)
+    assert all(p.abs().sum() > 0 for n, p in new.items() if "lora_A" in n)
+    assert all(p.abs().sum() == 0 for n, p in new.items() if "lora_B" in n)
+    for name, param in model.named_parameters():
+        if adapters.BRANCH_ADAPTER in name:
+            param.data += 0.1
+    adapters.silence_adapter(model, adapters.BRANCH_ADAPTER)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, student)

@@ -239,7 +239,9 @@ def test_nan_branch_stops_naming_teacher_round_step_and_resumes(reference, qwen3
     assert run.resume_point(trainer.teacher_names).branches_done == ["teacher0"]
     trainer.callbacks.remove(poison)  # the same trainer object resumes
     trainer.train(resume_from_checkpoint=True)
-    assert max_abs_diff(reference, tmp_path) <= 1e-6
+    # exactly: the weights already hold round 1's delta, so the resume leaves them as they are (installing D - D
+    # would add rounding, and a rounding-sized change in a branch may turn the merged factors' singular vectors)
+    assert max_abs_diff(reference, tmp_path) == 0.0
 
 
 def test_runaway_learning_rate_is_caught_at_the_step_it_diverges(qwen3_dir, tmp_path):

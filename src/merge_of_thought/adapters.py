@@ -29,6 +29,7 @@ from .merging import LowRankDelta
 from .quantization import keep_4bit_layout
 
 MERGED_ADAPTER = "mot_merged"
+BRANCH_ADAPTER = "mot_branch"  # one adapter that every branch of a round re-initialises (PEFT's add_adapter is slow)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -111,26 +112,46 @@ def layer_dims(model: PreTrainedModel, module_names: list[str]) -> list[tuple[in
 def add_branch_adapter(
     model: PreTrainedModel | PeftModel, name: str, peft_config: LoraConfig, seed: int, one_pass: bool = True
 ) -> PeftModel:
-    """Attach a fresh LoRA adapter (B = 0, A seeded) as the only trainable one, above the frozen merged state.
+    """Make ``name`` a fresh LoRA adapter (B = 0, A drawn from ``seed``) and the only trainable one, above the frozen
+    merged state. An adapter of that name already attached (the round's previous branch) is re-initialised in place:
+    PEFT's ``add_adapter`` scans every module of the model against every adapter layer (0.5 s a branch on
+    SmolLM2-135M), and either way A depends on ``seed`` alone, so a resumed round starts its branches as before.
 
     ``one_pass`` computes the frozen merged adapter and the branch in one low-rank pass (fused.py); False keeps
     PEFT's pass per adapter (the same arithmetic, slower: for comparisons).
     """
-    torch.manual_seed(seed)
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, peft_config)
-    else:
+    if not isinstance(model, PeftModel):
         with peft_checkpointing_alias():
             model = get_peft_model(model, peft_config, adapter_name=name)
+    elif name not in model.peft_config:
+        model.add_adapter(name, peft_config)
+    torch.manual_seed(seed)
+    for layer in lora_layers(model).values():
+        layer.reset_lora_parameters(name, peft_config.init_lora_weights)  # PEFT's own init (check_lora_config)
     activate(model, trainable=name, one_pass=one_pass)
     return model
 
 
-def remove_adapter(model: PeftModel, name: str) -> None:
-    """Delete one of MoT's adapters; PEFT's notice that the active one is gone (MoT re-activates what it needs) is
-    dropped for this call only."""
-    with peft_adapter_deleted():
-        model.delete_adapter(name)
+def silence_adapter(model: PeftModel, name: str) -> None:
+    """Zero the factor of ``name`` that PEFT starts at zero (B; an embedding's A): the model then computes exactly
+    what it would without the adapter until the next branch re-initialises it. Only for finite weights (NaN * 0 is
+    NaN): a diverged branch's adapter is removed instead."""
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.lora_B:
+                layer.lora_B[name].weight.zero_()
+                if layer.lora_B[name].bias is not None:
+                    layer.lora_B[name].bias.zero_()
+            if name in layer.lora_embedding_A:
+                layer.lora_embedding_A[name].zero_()
+
+
+def remove_adapter(model: PreTrainedModel | PeftModel, name: str) -> None:
+    """Delete one of MoT's adapters, if attached; PEFT's notice that the active one is gone (MoT re-activates what it
+    needs) is dropped for this call only."""
+    if isinstance(model, PeftModel) and name in model.peft_config:
+        with peft_adapter_deleted():
+            model.delete_adapter(name)
 
 
 def activate(model: PeftModel, trainable: str | None, one_pass: bool = False) -> None:

@@ -201,6 +201,11 @@ class SavedDelta(Mapping[str, LowRankDelta]):
             B = file.get_tensor(f"{PEFT_KEY_PREFIX}{name}.lora_B.weight")[:, :rank].float() * self._scaling[name]
         return LowRankDelta(B.contiguous(), A.contiguous())
 
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` is a view of the same unchanged checkpoint at the same ranks (the same delta)."""
+        return (isinstance(other, SavedDelta) and other.path == self.path and other._identity == self._identity
+                and other._ranks == self._ranks)  # fmt: skip
+
     def _file_identity(self) -> tuple[int, int, int]:
         stat = self.path.stat()
         return stat.st_ino, stat.st_size, stat.st_mtime_ns

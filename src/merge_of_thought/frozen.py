@@ -30,6 +30,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from . import adapters, devices
+from .checkpointing import SavedDelta
 from .merging import LowRankDelta, concatenate
 
 FROZEN_DELTA = ("auto", "adapter", "weights")
@@ -91,6 +92,8 @@ class FrozenDelta:
                 rank_multiple=self._rank_multiple(model),
             )
         model = unwrap(model)
+        if isinstance(delta, SavedDelta) and delta.same_as(self._in_weights):
+            return model  # the weights hold it already (a resume in the same process): D - D would only add rounding
         with torch.no_grad(), devices.exact_fp32_matmul():  # TF32 would round the change to ~1e-3
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight

@@ -243,6 +243,7 @@ class MoTTrainer:
                     mine[k] = self._train_branch(round_idx, k, self.teacher_names[k])  # None: diverged and dropped
                     progress.update()
                 branch_deltas.update(self._gather_branches(round_idx, mine))
+                adapters.remove_adapter(self.model, adapters.BRANCH_ADAPTER)  # reused by the round's branches
                 teachers, deltas, weights = self._merge_inputs(round_idx, branch_deltas)
                 kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
@@ -273,12 +274,13 @@ class MoTTrainer:
     # ------------------------------------------------------------------ one branch
     def _train_branch(self, round_idx: int, k: int, teacher: str) -> BranchResult:
         """Train a fresh LoRA branch on one teacher from the current student; return its adapter and metrics."""
-        name = f"mot_branch_{k}"
+        name = adapters.BRANCH_ADAPTER  # re-initialised for each branch (add_branch_adapter)
         quantization.keep_4bit_layout(self.model)  # also after a user's own generate() on trainer.model
         init_seed = self._branch_seed(round_idx, 0 if self.args.shared_branch_init else k)
         start = self._branch_states.get(teacher) if self.args.branch_state == "persistent" else None
         if self.args.branch_state == "persistent" and self.merged is not None:  # train above D_t - P_k: at the student
             offset = branches.rebased_offset(self.merged, self._branch_products.get(teacher) if start else None)
+            adapters.remove_adapter(self.model, name)  # a weights-home install needs the model without adapters
             self.model = self.frozen_delta.install(self.model, offset)
         self.model = adapters.add_branch_adapter(self.model, name, self.peft_config, seed=init_seed)
         if start is not None:
@@ -306,7 +308,7 @@ class MoTTrainer:
             return self._diverged(error)
         adapter = adapters.detach_adapter(self.model, name)  # before the eval: its trainer recasts the branch
         scores = self._evaluate_branch(round_idx)
-        adapters.remove_adapter(self.model, name)
+        adapters.silence_adapter(self.model, name)  # the student again, for callbacks; the next branch re-inits it
         if self.args.branch_state == "persistent":
             self._save_branch_state(round_idx, teacher, BranchState(adapter.state, branches.optimizer_state(
                 trainer.optimizer)))
