@@ -72,8 +72,8 @@ class Setting(quality.Setting):
 
 # Fixed in each regime's design where it differs from Setting's (README.md): the products' verbose trace is longer.
 REGIME_SETTINGS: dict[str, dict] = {"multiply": {"max_new_tokens": 96}}
-QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=16,
-                general_prompts=4, general_tokens=12, validation=4, facts=8, fact_tokens=12)
+QUICK = Setting(rounds=2, steps_per_round=1, train_prompts=8, batch_size=2, held_out=4, max_new_tokens=12,
+                general_prompts=4, general_tokens=12, validation=4, facts=4, fact_tokens=8)
 
 # MoT as the paper runs it, MoT with persistent branches, the restart-only control (one teacher, T x S with a fresh
 # branch every round), MTD (the union; read at T*S and at K*T*S steps), STD per teacher of the regime.
