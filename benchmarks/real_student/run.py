@@ -337,14 +337,14 @@ def summarize(results: list[dict], setting: Setting) -> dict:
     for result in results:  # the quality summary reads "pretrain_accuracy"; here it is minus the NLL
         for point in result["curve"]:
             point["pretrain_accuracy"] = -point["general_nll"]
-    validation: dict[str, dict[int, float]] = {}  # by row and seed, where the run scored it (the grid's choice)
-    for result in results:
-        for label, point in reported_reads(result, setting).items():
-            if "validation_accuracy" in point:
-                validation.setdefault(label, {})[result["job"]["seed"]] = point["validation_accuracy"]
+    validation = {}  # by row, over the seeds whose run scored it where it is read (the learning-rate grid's choice)
+    for label, by_seed in row_points(results, setting).items():
+        values = [end["validation_accuracy"] for _, end in by_seed.values() if "validation_accuracy" in end]
+        if values:
+            seeds = [seed for seed, (_, end) in by_seed.items() if "validation_accuracy" in end]
+            validation[label] = {"seeds": seeds, **quality._mean_std(values)}
     return {**quality.summarize(results, setting), "facts": facts_summary(results, setting),
-            "validation_accuracy": {label: {"seeds": sorted(v), **quality._mean_std([v[s] for s in sorted(v)])}
-                                    for label, v in validation.items()}}  # fmt: skip
+            "validation_accuracy": validation}
 
 
 def reported_reads(result: dict, setting: Setting) -> dict[str, dict]:
@@ -356,19 +356,26 @@ def reported_reads(result: dict, setting: Setting) -> dict[str, dict]:
     return {result["name"]: curve[-1]}
 
 
+def row_points(results: list[dict], setting: Setting) -> dict[str, dict[int, tuple[dict, dict]]]:
+    """Per reported row and seed, in seed order: (the run's start, the point the row reads)."""
+    rows: dict[str, dict[int, tuple[dict, dict]]] = {}
+    for result in sorted(results, key=lambda r: r["job"]["seed"]):
+        for label, point in reported_reads(result, setting).items():
+            rows.setdefault(label, {})[result["job"]["seed"]] = (result["curve"][0], point)
+    return rows
+
+
 def facts_summary(results: list[dict], setting: Setting) -> dict:
     """The second probe per reported row (MTD read at T*S steps and at the end, as the accuracy is), over the seeds
     whose runs measured it (runs cached before it was added did not)."""
-    rows: dict[str, dict[int, tuple[float, float]]] = {}
-    for result in results:
-        curve = result["curve"]
-        for label, point in reported_reads(result, setting).items():
-            if "facts_kept" in point and "facts_kept" in curve[0]:
-                rows.setdefault(label, {})[result["job"]["seed"]] = (curve[0]["facts_kept"], point["facts_kept"])
-    return {label: {"seeds": sorted(by_seed),
-                    "facts_kept": quality._mean_std([by_seed[s][1] for s in sorted(by_seed)]),
-                    "fact_forgetting": quality._mean_std([by_seed[s][0] - by_seed[s][1] for s in sorted(by_seed)])}
-            for label, by_seed in rows.items()}  # fmt: skip
+    rows = {}
+    for label, by_seed in row_points(results, setting).items():
+        kept = {seed: (start["facts_kept"], end["facts_kept"]) for seed, (start, end) in by_seed.items()
+                if "facts_kept" in start and "facts_kept" in end}  # fmt: skip
+        if kept:
+            rows[label] = {"seeds": list(kept), "facts_kept": quality._mean_std([e for _, e in kept.values()]),
+                           "fact_forgetting": quality._mean_std([s - e for s, e in kept.values()])}  # fmt: skip
+    return rows
 
 
 def facts_markdown(summary: dict) -> str:
