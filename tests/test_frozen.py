@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
-from merge_of_thought import MoTTrainer
+from merge_of_thought import MoTTrainer, frozen, merging
 from merge_of_thought.adapters import MERGED_ADAPTER, check_targets, lora_layers, save_merged
 from merge_of_thought.checkpointing import SavedDelta
 from merge_of_thought.frozen import FrozenDelta, resolve
@@ -40,9 +40,19 @@ def run(qwen3_dir, teachers, folder, home, **config) -> tuple[MoTTrainer, Active
 
 
 @pytest.mark.parametrize("branch_state", ["fresh", "persistent"])
-def test_weights_hold_the_delta_the_adapter_held(qwen3_dir, tokenizer, teachers, tmp_path, branch_state):
+def test_weights_hold_the_delta_the_adapter_held(qwen3_dir, tokenizer, teachers, tmp_path, branch_state, monkeypatch):
     two = dict(list(teachers.items())[:2])
+    changes = []  # (old rank, new rank, rank added to the weights) of every install after the first
+
+    def difference(new, old):
+        changes.append((old.rank, new.rank, merging.difference(new, old).rank))
+        return merging.difference(new, old)
+
+    monkeypatch.setattr(frozen, "difference", difference)
     in_weights, probe = run(qwen3_dir, two, tmp_path / "weights", "auto", branch_state=branch_state, num_rounds=3)
+    if branch_state == "fresh":  # append merges: rounds 2 and 3 add only their own 2 x 4 columns to each layer
+        assert len(changes) == 2 * len(in_weights.merged)
+        assert all(added == new - old == 8 for old, new, added in changes)
     in_adapter, _ = run(qwen3_dir, two, tmp_path / "adapter", "adapter", branch_state=branch_state, num_rounds=3)
 
     assert json.loads((tmp_path / "weights" / "mot_run.json").read_text())["frozen_delta"] == "weights"
@@ -88,10 +98,11 @@ def test_a_student_whose_weights_hold_a_delta_is_not_taken_for_a_base(qwen3_dir,
                    processing_class=trainer.processing_class, peft_config=quick_lora())  # fmt: skip
 
 
-def test_weights_take_each_round_change_to_fp32_rounding():
+@pytest.mark.parametrize("append", [False, True])
+def test_weights_take_each_round_change_to_fp32_rounding(append):
     """Five merges of four rank-16 branches, each update 1e-3 of |W|, installed into fp32 weights: the weights stay
     the base plus the merged delta to fp32 rounding (frozen.py: about 6e-8 of |W| a round), far inside the 1e-3
-    fidelity bound on each round's update."""
+    fidelity bound on each round's update; after an append merge (fresh branches) from the round's columns alone."""
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"proj": torch.nn.Linear(256, 512, bias=False)})
     weight = model["proj"].weight
@@ -101,7 +112,8 @@ def test_weights_take_each_round_change_to_fp32_rounding():
         branches = [{"proj": LowRankDelta(torch.randn(512, 16), torch.randn(16, 256))} for _ in range(4)]
         scale = 1e-3 * base.norm().item() / branches[0]["proj"].dense().norm().item()
         before = 0 if merged is None else merged["proj"].dense().double()
-        merged, _ = merge_round(merged, [{"proj": b["proj"].scaled(scale)} for b in branches], [0.25] * 4)
+        scaled = [{"proj": b["proj"].scaled(scale)} for b in branches]
+        merged, _ = merge_round(merged, scaled, [0.25] * 4, append=append)
         assert home.install(model, merged) is model
         total = merged["proj"].B.double() @ merged["proj"].A.double()
         error = (weight.detach().double() - base - total).norm()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from merge_of_thought.merging import LowRankDelta, concatenate, merge_round, recompress, summarize
+from merge_of_thought.merging import LowRankDelta, concatenate, difference, merge_round, recompress, summarize
 
 
 def random_delta(out=48, inp=40, rank=4, seed=0, scale=1.0):
@@ -158,6 +158,43 @@ def test_a_merge_onto_recompressed_factors_factors_only_the_new_columns(monkeypa
     columns = count_qr_columns(monkeypatch)
     merge_round(merged, random_branches(1), weights)
     assert columns == [32, 32, 64, 32]  # layer0: the 32 new columns per side; layer1 (32 x 64): its B side is full
+
+
+def test_an_append_merge_factors_only_the_round_and_keeps_the_full_merges_product_and_rank(monkeypatch):
+    """Fresh branches (merge_round(append=True)): each round's update is recompressed alone, so every round factors
+    the same 32 columns per side however large the merged rank; the product and rank match the full recompression."""
+    ours = reference = None
+    weights = [0.4, 0.3, 0.2, 0.1]
+    columns = count_qr_columns(monkeypatch)
+    for round_idx in range(5):
+        branches = random_branches(round_idx, shapes=((256, 320),))
+        columns.clear()
+        ours, reports = merge_round(ours, branches, weights, tolerance=1e-4, append=True)
+        assert columns == [32, 32], round_idx  # the update's columns only, in round 5 as in round 1
+        reference, _ = full_merge(reference, branches, weights, tolerance=1e-4)
+        exact = reference["layer0"].dense().double()
+        assert ours["layer0"].rank == reference["layer0"].rank == 32 * (round_idx + 1)
+        assert (ours["layer0"].dense().double() - exact).norm() <= 1e-6 * exact.norm()
+        assert reports["layer0"].rank_before == 32 * (round_idx + 1) and reports["layer0"].dropped_norm == 0.0
+    with pytest.raises(ValueError, match="max_rank"):
+        merge_round(ours, random_branches(5, shapes=((256, 320),)), weights, max_rank=40, append=True)
+
+
+SHAPE = ((160, 192),)  # room for every round's 32 columns
+
+
+def test_difference_is_the_appended_columns_after_an_append_and_new_minus_old_otherwise():
+    weights = [0.25] * 4
+    first, _ = merge_round(None, random_branches(0, shapes=SHAPE), weights)
+    second, _ = merge_round(first, random_branches(1, shapes=SHAPE), weights, append=True)
+    change = difference(second["layer0"], first["layer0"])
+    assert change.rank == 32  # the round's columns, not the 64 + 32 of new and negated old
+    assert torch.equal(change.B, second["layer0"].B[:, 32:]) and torch.equal(change.A, second["layer0"].A[32:])
+    refactored, _ = merge_round(first, random_branches(1, shapes=SHAPE), weights)  # the whole SVD: no shared columns
+    change = difference(refactored["layer0"], first["layer0"])
+    assert change.rank == 64 + 32
+    exact = refactored["layer0"].dense() - first["layer0"].dense()
+    assert (change.dense() - exact).norm() <= 1e-5 * exact.norm()
 
 
 def test_factors_that_are_not_an_svd_are_recompressed_whole(monkeypatch):

@@ -74,15 +74,17 @@ def test_exact_floor_counts_the_adapted_linears_of_the_70m_student():
     assert fresh["step_flops_ratio"] == (first + 2 * 256 * edges) / first
 
 
-def test_merge_rounds_times_both_merges_on_the_same_rounds_and_finds_them_equal():
+def test_merge_rounds_times_every_merge_on_the_same_rounds_and_finds_them_equal():
     merge_rounds = load_benchmark("perf/merge_rounds.py")
     rounds = [merge_rounds.branch_deltas(layers=1, seed=t) for t in range(3)]  # SmolLM2's 7 linears, ranks 64-192
     inputs = {method: merge_rounds.chain(merge, rounds) for method, merge in merge_rounds.METHODS.items()}
-    incremental = [merge_rounds.disagreement(ours, full) for ours, full in zip(inputs["incremental"], inputs["full"])]
-    assert [d["rank_differs"] for d in incremental] == [0, 0, 0]
-    assert max(d["dense_rel_diff_max"] for d in incremental) < 1e-6
+    for method in ("incremental", "append"):
+        diffs = [merge_rounds.disagreement(ours, full) for ours, full in zip(inputs[method], inputs["full"])]
+        assert [d["rank_differs"] for d in diffs] == [0, 0, 0], method
+        assert max(d["dense_rel_diff_max"] for d in diffs) < 1e-6, method
     assert [max(r.rank_after for r in reports.values()) for _, reports in inputs["full"]] == [64, 128, 192]
-    seconds = merge_rounds.timings(rounds, {m: inputs[m] for m in ("full", "incremental")}, repeats=1)
+    seconds = merge_rounds.timings(rounds, {m: inputs[m] for m in merge_rounds.TIMED}, repeats=1)
+    assert set(seconds) == set(merge_rounds.TIMED)
     assert all(len(s) == 1 and s[0] > 0 for method in seconds.values() for s in method)
 
 

@@ -1,8 +1,10 @@
-"""The merge of five rounds at SmolLM2-135M's shapes: the incremental merge against the full recompression it replaced.
+"""The merge of five rounds at SmolLM2-135M's shapes: the append and incremental merges against the full recompression.
 
 ``merge_round`` used to recompress every layer's whole factor stack every round (``recompress(concatenate([D_t,
-update]))``: a float64 QR of rank up to K*r*T columns); it now projects only the round's K*r new columns out of
-``D_t``'s orthogonal factors (``merging.add``). Both run on the same inputs in one process, interleaved, for each of
+update]))``: a float64 QR of rank up to K*r*T columns). The incremental merge projects only the round's K*r new
+columns out of ``D_t``'s orthogonal factors (``merging.add``; persistent branches and ``merge_max_rank``), and the
+append merge (fresh branches, the default) recompresses the round's update alone and appends it to ``D_t``'s factors
+(``merge_round(append=True)``). All run on the same inputs in one process, interleaved, for each of
 T=5 rounds of K=4 random rank-16 branches on SmolLM2-135M's adapted linears (30 layers; q, o 576x576; k, v 192x576;
 gate, up 1536x576; down 576x1536), each round starting from the delta that method merged the round before. Reported
 per round: the median seconds of each over the repeats and their ratio, and how far apart their results are (dense
@@ -63,7 +65,9 @@ METHODS: dict[str, Merge] = {
     "full": layer_by_layer(lambda current, update, *budget: recompress(concatenate([current, update]), *budget)),
     "incremental": merge_round,
     "incremental_fp32": layer_by_layer(lambda *args: merging.add(*args, dtype=torch.float32)),
+    "append": lambda *args: merge_round(*args, append=True),
 }
+TIMED = ("full", "incremental", "append")
 
 
 def branch_deltas(layers: int, seed: int) -> list[dict[str, LowRankDelta]]:
@@ -130,13 +134,14 @@ def main() -> None:
     inputs = {method: chain(merge, rounds) for method, merge in METHODS.items()}
     accuracy = {method: [disagreement(ours, ref) for ours, ref in zip(inputs[method], inputs["full"])]
                 for method in METHODS if method != "full"}
-    seconds = timings(rounds, {m: inputs[m] for m in ("full", "incremental")}, repeats)
-    full, incremental = ([median(s) for s in seconds[m]] for m in ("full", "incremental"))
+    seconds = timings(rounds, {m: inputs[m] for m in TIMED}, repeats)
+    medians = {m: [median(s) for s in seconds[m]] for m in TIMED}
     ranks = [max(r.rank_after for r in reports.values()) for _, reports in inputs["full"]]
     record = {"command": "python " + " ".join(sys.argv), "machine": {**machine(), **identity()}, "layers": layers,
               "rounds": ROUNDS, "teachers": TEACHERS, "rank": RANK, "tolerance": TOLERANCE, "repeats": repeats,
-              "seconds": seconds, "median_seconds": {"full": full, "incremental": incremental},
-              "ratio_of_medians": [i / f for i, f in zip(incremental, full)], "merged_rank": ranks,
+              "seconds": seconds, "median_seconds": medians,
+              "ratio_of_medians": {m: [t / f for t, f in zip(medians[m], medians["full"])] for m in TIMED[1:]},
+              "merged_rank": ranks,
               "accuracy": accuracy}
     name = "merge_rounds_quick" if args.quick else "merge_rounds"
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -149,33 +154,40 @@ def markdown(record: dict) -> list[str]:
              f"at SmolLM2-135M's shapes ({record['layers']} layers)", "",
              f"Command: `{record['command']}` (torch threads: {record['machine']['threads']}; {record['repeats']} "
              f"repeats, interleaved). Machine: {describe(record['machine'])}.", "",
-             "| round | merged rank | full recompress (s) | incremental (s) | incremental / full | dense diff | "
-             "kept ranks differ | dropped-norm diff | fp32 projections: dense diff | ranks differ |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    medians, accuracy = record["median_seconds"], record["accuracy"]
+             "| round | merged rank | full recompress (s) | incremental (s) | append (s) | incremental / full | "
+             "append / full | incremental: dense diff, ranks differ, dropped diff | append: dense diff, ranks "
+             "differ, dropped diff | fp32 projections: dense diff, ranks differ |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    medians, ratios, accuracy = record["median_seconds"], record["ratio_of_medians"], record["accuracy"]
+
+    def diffs(method: str, t: int, dropped: bool = True) -> str:
+        row = accuracy[method][t]
+        cells = [f"{row['dense_rel_diff_max']:.1e}", str(row["rank_differs"])]
+        return ", ".join(cells + ([f"{row['dropped_diff_rel_max']:.1e}"] if dropped else []))
+
     for t in range(record["rounds"]):
-        ours, fp32 = accuracy["incremental"][t], accuracy["incremental_fp32"][t]
         lines.append(f"| {t + 1} | {record['merged_rank'][t]} | {medians['full'][t]:.2f} | "
-                     f"{medians['incremental'][t]:.2f} | {record['ratio_of_medians'][t]:.2f} | "
-                     f"{ours['dense_rel_diff_max']:.1e} | {ours['rank_differs']} | "
-                     f"{ours['dropped_diff_rel_max']:.1e} | "
-                     f"{fp32['dense_rel_diff_max']:.1e} | {fp32['rank_differs']} |")
-    total = sum(medians["incremental"]) / sum(medians["full"])
-    lines += ["", f"All five rounds: {sum(medians['full']):.1f} s full, {sum(medians['incremental']):.1f} s "
-              f"incremental ({total:.2f}x). Diffs are against the full merge's result of the same round (each method "
-              "chained over its own previous rounds); dense diff: worst layer's |difference|_F / |merged|_F; "
-              "dropped-norm diff relative to the round's update.", "", COST_NOTE]
+                     f"{medians['incremental'][t]:.2f} | {medians['append'][t]:.2f} | "
+                     f"{ratios['incremental'][t]:.2f} | {ratios['append'][t]:.2f} | {diffs('incremental', t)} | "
+                     f"{diffs('append', t)} | {diffs('incremental_fp32', t, dropped=False)} |")
+    totals = {m: sum(medians[m]) for m in TIMED}
+    lines += ["", f"All five rounds: {totals['full']:.1f} s full, {totals['incremental']:.1f} s incremental "
+              f"({totals['incremental'] / totals['full']:.2f}x), {totals['append']:.1f} s append "
+              f"({totals['append'] / totals['full']:.2f}x). Diffs are against the full merge's result of the same "
+              "round (each method chained over its own previous rounds); dense diff: worst layer's |difference|_F / "
+              "|merged|_F; dropped-norm diff relative to the round's update.", "", COST_NOTE]
     if record.get("note"):
         lines += ["", record["note"]]
     return lines
 
 
 COST_NOTE = (
-    "Where the time goes: both methods end in the same float64 SVD of the (k+m) x (k+m) core (k merged, m = K*r new "
-    "columns) and the same rotation of the kept directions into the (out + in) x rank factors; the incremental merge "
-    "replaces the QR of each whole (out or in) x (k+m) stack, and the explicit Q formed from it, by two projections "
-    "of the m new columns and a QR of the residual. The SVD and the rotation grow with (k+m), not with m, and are "
-    "what is left of a merge's cost.")
+    "Where the time goes: the full and incremental merges end in the same float64 SVD of the (k+m) x (k+m) core "
+    "(k merged, m = K*r new columns) and the same rotation of the kept directions into the (out + in) x rank "
+    "factors; the incremental merge replaces the QR of each whole (out or in) x (k+m) stack, and the explicit Q formed "
+    "from it, by two projections of the m new columns and a QR of the residual, so the SVD and the rotation, which "
+    "grow with (k+m), are what is left of its cost. The append merge factors the m new columns alone (a QR of each "
+    "m-column stack and an m x m SVD) and copies D_t's factors beside them: its cost grows with m only.")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ During a branch, the merged delta ``D_t`` (for persistent branches, the branch's
   branch (fused.py), so a step pays for its rank, which grows by K*r a round with fresh branches, and little else.
   Its factors are fp32, or under bf16/fp16 mixed precision the autocast dtype the pass computes them in anyway.
 - ``"weights"``: added into the base weights, which must be unquantized fp32 ``nn.Linear`` weights: no per-step
-  cost at all. Each install adds the change since the last one, new minus old factors as one fp32 product
-  accumulated into the weights (``addmm_``, in true fp32 even where the user turned TF32 on: devices.py), so each
-  round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a
-  delta of 1e-3 ``|W|``), far inside the merge's 1e-3 fidelity bound. bf16 and 4-bit weights cannot hold a delta
-  that small (bf16 loses 78% of a 1e-3 delta).
+  cost at all. Each install adds the change since the last one (after an append merge, the round's own columns;
+  else new minus old factors) as one fp32 product accumulated into the weights (``addmm_``, in true fp32 even where
+  the user turned TF32 on: devices.py), so each round adds fp32 rounding of about 6e-8 of ``|W|`` (6e-5 of a delta
+  of 1e-3 ``|W|``), far inside the merge's 1e-3 fidelity bound. bf16 and 4-bit weights cannot hold a delta that
+  small (bf16 loses 78% of a 1e-3 delta).
 - ``"auto"`` (the default): ``"weights"`` when every adapted layer is an fp32 ``nn.Linear``, else ``"adapter"``.
 
 Either way the merged delta itself stays as exact low-rank factors (``MoTTrainer.merged``): checkpoints, exports and
@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from . import adapters, devices
 from .checkpointing import SavedDelta
-from .merging import LowRankDelta, concatenate
+from .merging import LowRankDelta, difference
 
 FROZEN_DELTA = ("auto", "adapter", "weights")
 HOLDS_DELTA = "_mot_weights_hold_merged_delta"  # set on a model whose fp32 weights a run changed
@@ -97,10 +97,12 @@ class FrozenDelta:
         with torch.no_grad(), devices.exact_fp32_matmul():  # TF32 would round the change to ~1e-3
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight
-                parts = [delta[name]] if name in delta else []
-                if name in self._in_weights:
-                    parts.append(self._in_weights[name].scaled(-1.0))
-                change = concatenate(parts)  # the new delta minus the one the weights hold, as one factor pair
+                if name not in self._in_weights:
+                    change = delta[name]
+                elif name not in delta:
+                    change = self._in_weights[name].scaled(-1.0)
+                else:  # after an append merge, only the round's columns
+                    change = difference(delta[name], self._in_weights[name])
                 weight.addmm_(change.B.to(weight.device), change.A.to(weight.device))  # rounded once into W
         self._in_weights = delta  # a mapping: it may read each layer from a checkpoint when asked (SavedDelta)
         setattr(model, HOLDS_DELTA, True)

@@ -11,7 +11,10 @@ formed, and it reports the Frobenius error of what it dropped, which is exact fo
 
 A merge adds a round's K*r new columns to factors that are an SVD already (recompress leaves ``B = U sqrt(s)`` and
 ``A = sqrt(s) V^T``), so :func:`add` orthogonalises only the new columns against them (Brand's incremental SVD)
-instead of factoring the whole stack again: its cost grows with the update's rank, not the merged one's.
+instead of factoring the whole stack again. Its last step, the SVD of a core as large as the merged rank, still
+grows with that rank; with fresh branches :func:`merge_round` skips it (``append``): each round's update is
+recompressed alone and appended, so a merge costs the same in round 5 as in round 1, and :func:`difference` gives the
+weights that hold ``D_t`` only the appended columns to add.
 
 Everything here works on plain tensors, so it is shared by the trainer, the adapter export and ``mot merge``.
 """
@@ -206,14 +209,25 @@ def merge_round(
     weights: Sequence[float],
     max_rank: int | None = None,
     tolerance: float = 0.0,
+    append: bool = False,
 ) -> tuple[dict[str, LowRankDelta], dict[str, MergeReport]]:
     """One MoT merge: ``D_{t+1} = D_t + sum_k w_k dW_k`` for every layer, recompressed.
 
     ``current`` is ``D_t`` (``None`` before the first merge), ``branches`` the per-teacher deltas of this round.
     Recompression may drop at most ``tolerance * |sum_k w_k dW_k|_F`` per layer (and must fit ``max_rank``).
+
+    ``append`` recompresses only the round's update and appends it to ``D_t``'s factors, leaving them as they are:
+    the same product, at a cost that does not grow with the merged rank. The merged rank is then the sum of the
+    rounds' ranks, which is the numerical rank when each round adds new directions (fresh branches: their ranks
+    were 64, 128, ... 320 either way at T=5, K=4, r=16), but not when rounds undo each other (persistent branches'
+    updates, :func:`merge_of_thought.branches.round_update`), and it cannot honour a rank budget. A layer whose
+    rank would reach its smaller dimension (SmolLM2's 192-row k and v projections from round 3) is factored whole
+    as without ``append``, so its rank never exceeds what the layer can hold.
     """
     if len(branches) != len(weights):
         raise ValueError(f"got {len(branches)} branches but {len(weights)} weights")
+    if append and max_rank is not None:
+        raise ValueError("append=True keeps every earlier direction: it cannot cut the merged delta to max_rank")
     layers = list(branches[0])
     for i, branch in enumerate(branches[1:], start=1):
         if set(branch) != set(layers):
@@ -230,9 +244,22 @@ def merge_round(
         else:
             previous = current[name]
             rank_before = previous.rank + update.rank
-            merged[name], dropped = add(previous, update, max_rank, budget)
+            if append and rank_before < min(previous.shape):  # a full layer is factored whole (merging.add)
+                block, dropped = recompress(update, None, budget)
+                merged[name] = concatenate([previous, block])
+            else:
+                merged[name], dropped = add(previous, update, max_rank, budget)
         reports[name] = MergeReport(rank_before, merged[name].rank, dropped, update_norm)
     return merged, reports
+
+
+def difference(new: LowRankDelta, old: LowRankDelta) -> LowRankDelta:
+    """``new - old`` as one factor pair: only ``new``'s extra columns where ``new`` is ``old`` with columns appended
+    (an ``append`` merge), else ``old`` negated beside ``new``. The first is exact, not a rounding of the second."""
+    k = old.rank
+    if new.rank > k and torch.equal(new.B[:, :k], old.B) and torch.equal(new.A[:k], old.A):
+        return LowRankDelta(new.B[:, k:], new.A[k:])
+    return concatenate([new, old.scaled(-1.0)])
 
 
 def summarize(reports: Mapping[str, MergeReport]) -> dict[str, float]:

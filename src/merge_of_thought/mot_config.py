@@ -151,7 +151,9 @@ class MoTConfig(SFTConfig):
         merge_tolerance (`float`, defaults to `1e-4`): each merge may drop singular directions of the merged delta
             whose total Frobenius norm is at most this fraction of the round's update ``|sum_k w_k dW_k|``. It
             keeps the merged rank (and the cost of the frozen adapter in every later step) as small as the data
-            allow while staying 10x inside the 1e-3 fidelity bound. 0 keeps every non-zero direction.
+            allow while staying 10x inside the 1e-3 fidelity bound. 0 keeps every non-zero direction. With fresh
+            branches and no `merge_max_rank` it applies to the round's update alone, which the merge appends to
+            the merged factors without factoring them again (docs/algorithm.md).
         allow_single_teacher (`bool`, defaults to `False`): allow one teacher (MoT then is SFT with restarts).
         max_truncated_fraction (`float`, defaults to `0.05`): the largest share of a teacher's traces that
             `max_length` may cut. Before the model loads, every teacher's token lengths under the student's tokenizer

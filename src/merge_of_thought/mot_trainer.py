@@ -207,6 +207,8 @@ class MoTTrainer:
         # branch's product P_k after its last round (what the next round's update is measured from)
         self._branch_states: dict[str, BranchState] = {}
         self._branch_products: dict[str, dict[str, LowRankDelta]] = {}
+        # fresh branches add new directions every round: append them to D_t instead of re-factoring it (merging.py)
+        self._appends = self.args.branch_state == "fresh" and self.args.merge_max_rank is None
 
     # ------------------------------------------------------------------ the algorithm
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, Any]]:
@@ -250,7 +252,7 @@ class MoTTrainer:
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
                 with devices.merge_threads():  # float64 QR/SVD: all of this process's cores, also under torchrun
                     self.merged, reports = merge_round(
-                        self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance
+                        self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance, self._appends
                     )
                 self._save_round(round_idx, reports, teachers, weights)
                 self.merged = self._kept_merged(round_idx, self.merged)  # in memory, or read from that checkpoint
