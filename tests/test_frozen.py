@@ -132,12 +132,19 @@ def test_a_saved_delta_reads_each_layer_at_its_own_rank(tmp_path):
     for name, delta in merged.items():
         assert view[name].rank == delta.rank
         assert torch.equal(view[name].B, delta.B) and torch.equal(view[name].A, delta.A)
+    with view.reading():  # one open file for every read: the same tensors
+        for name, delta in merged.items():
+            assert torch.equal(view[name].B, delta.B) and torch.equal(view[name].A, delta.A)
+    assert view._open_file is None  # closed again: nothing stays mapped
     padded = SavedDelta(tmp_path)  # without ranks: the saved (padded) factors, the same product
     torch.testing.assert_close(padded["a.q_proj"].dense(), merged["a.q_proj"].dense())
     with pytest.raises(KeyError):
         view["a.k_proj"]
     other = {"a.q_proj": LowRankDelta(torch.randn(8, 7), torch.randn(7, 5))}
-    save_merged(other, tmp_path, None)  # the checkpoint overwritten by another delta
+    with view.reading():
+        save_merged(other, tmp_path, None)  # the checkpoint overwritten by another delta, even while open
+        with pytest.raises(RuntimeError, match="changed after this run saved it"):
+            view["a.q_proj"]
     with pytest.raises(RuntimeError, match="changed after this run saved it"):
         view["a.q_proj"]
 

@@ -30,7 +30,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from . import adapters, devices
-from .checkpointing import SavedDelta
+from .checkpointing import SavedDelta, reading
 from .merging import LowRankDelta, difference
 
 FROZEN_DELTA = ("auto", "adapter", "weights")
@@ -94,7 +94,7 @@ class FrozenDelta:
         model = unwrap(model)
         if isinstance(delta, SavedDelta) and delta.same_as(self._in_weights):
             return model  # the weights hold it already (a resume in the same process): D - D would only add rounding
-        with torch.no_grad(), devices.exact_fp32_matmul():  # TF32 would round the change to ~1e-3
+        with torch.no_grad(), devices.exact_fp32_matmul(), reading(delta, self._in_weights):  # TF32: ~1e-3 off
             for name in delta.keys() | self._in_weights.keys():
                 weight = model.get_submodule(name).weight
                 if name not in self._in_weights:

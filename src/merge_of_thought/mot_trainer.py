@@ -40,7 +40,8 @@ from trl.trainer.utils import create_model_from_path
 from . import adapters, branches, collection, devices, distributed, frozen, library_noise, quantization, weighting
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
-from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, resume_target, umask_mode
+from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, reading, resume_target
+from .checkpointing import umask_mode
 from .checkpointing import write_json_atomic
 from .data import LengthStats, check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
@@ -250,7 +251,7 @@ class MoTTrainer:
                 kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
-                with devices.merge_threads():  # float64 QR/SVD: all of this process's cores, also under torchrun
+                with devices.merge_threads(), reading(self.merged):  # all cores, also under torchrun; D_t opened once
                     self.merged, reports = merge_round(
                         self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance, self._appends
                     )
