@@ -41,8 +41,7 @@ from . import adapters, branches, collection, devices, distributed, frozen, libr
 from .branches import BranchState, CarryOptimizerState
 from .callbacks import MoTCallback, MoTCallbackHandler, split_callbacks
 from .checkpointing import BRANCH_RECORD, ResumePoint, RunFolder, atomic_dir, plural, reading, resume_target
-from .checkpointing import umask_mode
-from .checkpointing import write_json_atomic
+from .checkpointing import umask_mode, write_json_atomic
 from .data import LengthStats, check_chat_format, normalized_weights, prepare_teachers, validate_teachers
 from .distributed import BranchResult
 from . import evaluation
