@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
-from merge_of_thought import MoTTrainer, frozen, merging
+from merge_of_thought import MoTTrainer, checkpointing, frozen, merging
 from merge_of_thought.adapters import MERGED_ADAPTER, check_targets, lora_layers, save_merged
 from merge_of_thought.checkpointing import SavedDelta
 from merge_of_thought.frozen import FrozenDelta, resolve
@@ -147,6 +147,23 @@ def test_a_saved_delta_reads_each_layer_at_its_own_rank(tmp_path):
             view["a.q_proj"]
     with pytest.raises(RuntimeError, match="changed after this run saved it"):
         view["a.q_proj"]
+
+
+def test_reading_maps_the_checkpoint_a_few_layers_at_a_time(tmp_path, monkeypatch):
+    """Pages a read touches stay mapped (and in RSS) while the file is open: reading() opens it again every
+    LAYERS_PER_OPEN layers, so a merge never maps the whole checkpoint, and reads the same tensors."""
+    torch.manual_seed(0)
+    merged = {f"layers.{i}.q_proj": LowRankDelta(torch.randn(8, 2), torch.randn(2, 5)) for i in range(40)}
+    save_merged(merged, tmp_path, None)
+    view = SavedDelta(tmp_path, {name: 2 for name in merged})
+    opened, safe_open = [], checkpointing.safe_open
+    monkeypatch.setattr(checkpointing, "safe_open", lambda *a, **k: opened.append(a[0]) or safe_open(*a, **k))
+    with view.reading():
+        for name, delta in merged.items():
+            read = view[name]
+            assert torch.equal(read.B, delta.B) and torch.equal(read.A, delta.A)
+    assert len(opened) == -(-len(merged) // SavedDelta.LAYERS_PER_OPEN) == 3
+    assert view._open_file is None
 
 
 def test_under_bf16_autocast_the_adapter_holds_the_bf16_copy_the_pass_computes_with(qwen3_dir, teachers, tmp_path):

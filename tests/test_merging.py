@@ -180,6 +180,24 @@ def test_an_append_merge_factors_only_the_round_and_keeps_the_full_merges_produc
         merge_round(ours, random_branches(5, shapes=((256, 320),)), weights, max_rank=40, append=True)
 
 
+def test_an_append_merge_holds_a_layer_with_no_room_left_whole_and_exact(monkeypatch):
+    """A layer whose rank would reach its smaller dimension (32 rows: full after one round of 4 x 8 columns) is held
+    as the identity and its dense sum: no QR or SVD, nothing dropped, the exact product at the layer's full rank."""
+    weights, exact, merged = [0.4, 0.3, 0.2, 0.1], 0, None
+    columns = count_qr_columns(monkeypatch)
+    for round_idx in range(3):
+        branches = random_branches(round_idx, shapes=((32, 64), (96, 80)))
+        columns.clear()
+        merged, reports = merge_round(merged, branches, weights, tolerance=1e-4, append=True)
+        exact = exact + sum(w * b["layer0"].dense().double() for b, w in zip(branches, weights))
+        delta = merged["layer0"]
+        assert (delta.dense().double() - exact).norm() <= 1e-6 * exact.norm(), round_idx
+        if round_idx:
+            assert torch.equal(delta.B, torch.eye(32)) and delta.rank == 32 and reports["layer0"].dropped_norm == 0
+            assert columns == ([32, 32] if round_idx == 1 else [])  # layer1 (80 columns): appended, then full
+            assert torch.equal(merged["layer1"].A, torch.eye(80)) == (round_idx == 2)
+
+
 SHAPE = ((160, 192),)  # room for every round's 32 columns
 
 

@@ -135,6 +135,15 @@ def from_dense(
     return _balanced(u[:, :rank], s[:rank], vh[:rank]), dropped
 
 
+def full_rank(delta: LowRankDelta) -> LowRankDelta:
+    """``delta`` exactly, as the factor pair of a layer whose rank is its smaller dimension: the identity on that
+    side and the dense product on the other. Adding to it is a sum of products; an SVD would have nothing to drop."""
+    rows, columns = delta.shape
+    if rows <= columns:
+        return LowRankDelta(torch.eye(rows), delta.dense())
+    return LowRankDelta(delta.dense(), torch.eye(columns))
+
+
 ORTHOGONALITY_TOLERANCE = 1e-5
 """How far from orthonormal (``|Q^T Q - I|_F``, estimated) columns may be and still count as an SVD's: the fp32
 factors :func:`recompress` and :func:`add` write are within ~5e-8 * rank / sqrt(rows) (2e-7 to 5e-7 at SmolLM2's
@@ -221,8 +230,8 @@ def merge_round(
     rounds' ranks, which is the numerical rank when each round adds new directions (fresh branches: their ranks
     were 64, 128, ... 320 either way at T=5, K=4, r=16), but not when rounds undo each other (persistent branches'
     updates, :func:`merge_of_thought.branches.round_update`), and it cannot honour a rank budget. A layer whose
-    rank would reach its smaller dimension (SmolLM2's 192-row k and v projections from round 3) is factored whole
-    as without ``append``, so its rank never exceeds what the layer can hold.
+    rank would reach its smaller dimension (SmolLM2's 192-row k and v projections from round 3) is held whole
+    instead (:func:`full_rank`): exact, its rank never exceeds what the layer can hold, and no factorization at all.
     """
     if len(branches) != len(weights):
         raise ValueError(f"got {len(branches)} branches but {len(weights)} weights")
@@ -244,9 +253,11 @@ def merge_round(
         else:
             previous = current[name]
             rank_before = previous.rank + update.rank
-            if append and rank_before < min(previous.shape):  # a full layer is factored whole (merging.add)
+            if append and rank_before < min(previous.shape):
                 block, dropped = recompress(update, None, budget)
                 merged[name] = concatenate([previous, block])
+            elif append:  # as many directions as the layer has: its dense sum, with nothing to factor or drop
+                merged[name], dropped = full_rank(concatenate([previous, update])), 0.0
             else:
                 merged[name], dropped = add(previous, update, max_rank, budget)
         reports[name] = MergeReport(rank_before, merged[name].rank, dropped, update_norm)
