@@ -1,5 +1,7 @@
 """The low-rank merge algebra against dense recomputation."""
 
+import time
+
 import pytest
 import torch
 
@@ -196,6 +198,38 @@ def test_an_append_merge_holds_a_layer_with_no_room_left_whole_and_exact(monkeyp
             assert torch.equal(delta.B, torch.eye(32)) and delta.rank == 32 and reports["layer0"].dropped_norm == 0
             assert columns == ([32, 32] if round_idx == 1 else [])  # layer1 (80 columns): appended, then full
             assert torch.equal(merged["layer1"].A, torch.eye(80)) == (round_idx == 2)
+
+
+class OneReadAtATime(dict):
+    """A merged delta that records how many reads overlap (a SavedDelta's open file takes one at a time)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reading, self.most = 0, 0
+
+    def __getitem__(self, name):
+        self.reading += 1
+        self.most = max(self.most, self.reading)
+        time.sleep(0.01)  # long enough for another worker's read to overlap, were reads not kept apart
+        self.reading -= 1
+        return super().__getitem__(name)
+
+
+def test_a_merge_on_two_workers_is_the_one_thread_merge_reading_one_layer_at_a_time():
+    shapes = ((96, 64), (32, 64), (64, 80), (40, 72))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the intra-op threads a worker runs with: the same arithmetic, bit for bit
+    try:
+        first, _ = merge_round(None, random_branches(0, shapes=shapes), [0.25] * 4)
+        alone, alone_reports = merge_round(first, random_branches(1, shapes=shapes), [0.25] * 4, append=True)
+    finally:
+        torch.set_num_threads(before)
+    current = OneReadAtATime(first)
+    pooled, pooled_reports = merge_round(current, random_branches(1, shapes=shapes), [0.25] * 4, append=True,
+                                         workers=2)
+    assert current.most == 1 and torch.get_num_threads() == before
+    assert list(pooled) == list(alone) and pooled_reports == alone_reports
+    assert all(torch.equal(pooled[n].B, alone[n].B) and torch.equal(pooled[n].A, alone[n].A) for n in alone)
 
 
 SHAPE = ((160, 192),)  # room for every round's 32 columns

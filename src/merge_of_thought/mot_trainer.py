@@ -250,9 +250,9 @@ class MoTTrainer:
                 kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
-                with devices.merge_threads(), reading(self.merged):  # all cores, also under torchrun; D_t opened once
+                with devices.merge_threads() as cores, reading(self.merged):  # also under torchrun; D_t opened once
                     self.merged, reports = merge_round(
-                        self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance, self._appends
+                        self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance, self._appends, cores
                     )
                 self._save_round(round_idx, reports, teachers, weights)
                 self.merged = self._kept_merged(round_idx, self.merged)  # in memory, or read from that checkpoint
