@@ -143,8 +143,8 @@ def full_rank(delta: LowRankDelta) -> LowRankDelta:
     side and the dense product on the other. Adding to it is a sum of products; an SVD would have nothing to drop."""
     rows, columns = delta.shape
     if rows <= columns:
-        return LowRankDelta(torch.eye(rows), delta.dense())
-    return LowRankDelta(delta.dense(), torch.eye(columns))
+        return LowRankDelta(torch.eye(rows, device=delta.B.device), delta.dense())
+    return LowRankDelta(delta.dense(), torch.eye(columns, device=delta.A.device))
 
 
 ORTHOGONALITY_TOLERANCE = 1e-5
