@@ -250,7 +250,7 @@ class MoTTrainer:
                 kept = kept_norm(deltas, weights)  # 1: the branch updates point one way
                 start = time.perf_counter()
                 scaled = [args.merge_step_size * w for w in weights]  # step size 1.0: the paper's weighted average
-                with devices.merge_threads() as cores, reading(self.merged):  # also under torchrun; D_t opened once
+                with devices.merge_threads() as cores, reading(self.merged):  # also under torchrun; D_t kept open
                     self.merged, reports = merge_round(
                         self.merged, deltas, scaled, args.merge_max_rank, args.merge_tolerance, self._appends, cores
                     )
