@@ -160,6 +160,23 @@ def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tm
     assert "Not run yet (cached runs only): MoT-persistent seed 0." in text
 
 
+def test_mot_is_paired_with_the_data_parallel_control_even_without_an_std_run(quality, tmp_path):
+    """MTD-parallel (issue 39's control at equal compute and equal sequential steps) gets its paired difference,
+    also in a report of MoT and the control alone."""
+    def run(name, seed, accuracy, steps):
+        curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,
+                 "pretrain_accuracy": 0.9}]  # fmt: skip
+        return {"name": name, "job": {"seed": seed}, "curve": curve, "seconds": 1.0}
+
+    results = [run("MoT", 0, 0.5, 1000), run("MoT", 1, 0.7, 1000), run("MTD-parallel", 0, 0.6, 250),
+               run("MTD-parallel", 1, 0.4, 250)]  # fmt: skip
+    summary = quality.summarize(results, dataclasses.replace(quality.FULL))
+    assert "best_std" not in summary
+    assert summary["mot_minus"]["MTD-parallel"]["values"] == pytest.approx([-0.1, 0.3])
+    quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
+    assert "- vs MTD-parallel: 0.100 +- 0.283 (per seed 0, 1: -0.100, +0.300)" in (tmp_path / "q.md").read_text()
+
+
 def test_mtd_250_is_the_first_250_steps_of_mtd_1000(tmp_path):
     """The benchmark reads MTD-250 at step 250 of MTD-1000: true with a constant learning rate and the same seed."""
     _, tokenizer = load_demo_student()

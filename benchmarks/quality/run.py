@@ -275,19 +275,20 @@ def summarize(results: list[dict], setting: Setting) -> dict:
             add(name, curves)
     std_rows = {name: row for name, row in rows.items() if name.startswith("STD-")}
     summary: dict = {"setting": dataclasses.asdict(setting), "methods": rows}
-    if std_rows:
-        best = max(std_rows, key=lambda name: std_rows[name]["accuracy"]["mean"])
+    best = max(std_rows, key=lambda name: std_rows[name]["accuracy"]["mean"]) if std_rows else None
+    if best:
         summary["best_std"] = best
-        for variant in (name for name in rows if name.startswith("MoT")):
-            key = "mot_minus" if variant == "MoT" else f"{variant}_minus"
-            for baseline in (best, mtd_path, mtd_compute, *(["MoT"] if variant != "MoT" else [])):
-                if baseline not in rows:
-                    continue
-                mot, other = _by_seed(rows[variant]), _by_seed(rows[baseline])
-                seeds = sorted(mot.keys() & other.keys())  # paired on the seeds both have run
-                if seeds:
-                    paired = _mean_std([mot[s] - other[s] for s in seeds])
-                    summary.setdefault(key, {})[baseline] = {**paired, "seeds": seeds}
+    others = sorted(n for n in rows if n.startswith("MTD-") and n not in (mtd_path, mtd_compute))  # MTD-parallel
+    for variant in (name for name in rows if name.startswith("MoT")):
+        key = "mot_minus" if variant == "MoT" else f"{variant}_minus"
+        for baseline in (best, mtd_path, mtd_compute, *others, *(["MoT"] if variant != "MoT" else [])):
+            if baseline not in rows:
+                continue
+            mot, other = _by_seed(rows[variant]), _by_seed(rows[baseline])
+            seeds = sorted(mot.keys() & other.keys())  # paired on the seeds both have run
+            if seeds:
+                paired = _mean_std([mot[s] - other[s] for s in seeds])
+                summary.setdefault(key, {})[baseline] = {**paired, "seeds": seeds}
     for name, curves in by_name.items():
         if name.startswith("MoT"):
             per_round, kept = {}, {}
