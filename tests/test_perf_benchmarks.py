@@ -3,6 +3,7 @@ rank_cost.py times both passes side by side, cpu_bf16.py keeps the figures of ev
 exact_floor.py counts the layers it states a floor for."""
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def test_merge_rounds_times_every_merge_on_the_same_rounds_and_finds_them_equal(
     seconds = merge_rounds.timings(rounds, {m: inputs[m] for m in merge_rounds.TIMED}, repeats=1)
     assert set(seconds) == set(merge_rounds.TIMED)
     assert all(len(s) == 1 and s[0] > 0 for method in seconds.values() for s in method)
+    # the trainer's merge on 2 cores (two layers at a time) is timed beside the others and gives the append's result
+    record = merge_rounds.measure(layers=1, repeats=1, num_rounds=2)
+    assert len(record["workers_vs_append"]) == 2 and max(record["workers_vs_append"]) < 1e-8
+    report = "\n".join(merge_rounds.markdown(record))
+    assert len(re.findall(r"^\| [12] \| ", report, re.M)) == 2 and "two layers at a time" in report
 
 
 def test_cpu_bf16_accuracy_pairs_the_precisions_by_seed():

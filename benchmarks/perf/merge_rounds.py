@@ -4,7 +4,8 @@
 update]))``: a float64 QR of rank up to K*r*T columns). The incremental merge projects only the round's K*r new
 columns out of ``D_t``'s orthogonal factors (``merging.add``; persistent branches and ``merge_max_rank``), and the
 append merge (fresh branches, the default) recompresses the round's update alone and appends it to ``D_t``'s factors
-(``merge_round(append=True)``). All run on the same inputs in one process, interleaved, for each of
+(``merge_round(append=True)``); the trainer runs the append merge two layers at a time on two cores
+(``workers=2``), timed beside it. All run on the same inputs in one process, interleaved, for each of
 T=5 rounds of K=4 random rank-16 branches on SmolLM2-135M's adapted linears (30 layers; q, o 576x576; k, v 192x576;
 gate, up 1536x576; down 576x1536), each round starting from the delta that method merged the round before. Reported
 per round: the median seconds of each over the repeats and their ratio, and how far apart their results are (dense
@@ -66,8 +67,10 @@ METHODS: dict[str, Merge] = {
     "incremental": merge_round,
     "incremental_fp32": layer_by_layer(lambda *args: merging.add(*args, dtype=torch.float32)),
     "append": lambda *args: merge_round(*args, append=True),
+    # what the trainer runs on 2 cores: two layers at a time, one torch thread each (merge_threads())
+    "append_2_workers": lambda *args: merge_round(*args, append=True, workers=2),
 }
-TIMED = ("full", "incremental", "append")
+TIMED = ("full", "incremental", "append", "append_2_workers")
 
 
 def branch_deltas(layers: int, seed: int) -> list[dict[str, LowRankDelta]]:
@@ -130,23 +133,30 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers, repeats = (3, args.repeats or 2) if args.quick else (30, args.repeats or 5)
-    rounds = [branch_deltas(layers, seed=t) for t in range(ROUNDS)]
+    record = measure(layers, repeats)
+    name = "merge_rounds_quick" if args.quick else "merge_rounds"
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown(record)) + "\n")
+    print("\n".join(markdown(record)))
+
+
+def measure(layers: int, repeats: int, num_rounds: int = ROUNDS) -> dict:
+    """Every merge chained over the same T rounds: their timings, and their results against the full merge's."""
+    rounds = [branch_deltas(layers, seed=t) for t in range(num_rounds)]
     inputs = {method: chain(merge, rounds) for method, merge in METHODS.items()}
     accuracy = {method: [disagreement(ours, ref) for ours, ref in zip(inputs[method], inputs["full"])]
                 for method in METHODS if method != "full"}
     seconds = timings(rounds, {m: inputs[m] for m in TIMED}, repeats)
     medians = {m: [median(s) for s in seconds[m]] for m in TIMED}
     ranks = [max(r.rank_after for r in reports.values()) for _, reports in inputs["full"]]
-    record = {"command": "python " + " ".join(sys.argv), "machine": {**machine(), **identity()}, "layers": layers,
-              "rounds": ROUNDS, "teachers": TEACHERS, "rank": RANK, "tolerance": TOLERANCE, "repeats": repeats,
-              "seconds": seconds, "median_seconds": medians,
-              "ratio_of_medians": {m: [t / f for t, f in zip(medians[m], medians["full"])] for m in TIMED[1:]},
-              "merged_rank": ranks,
-              "accuracy": accuracy}
-    name = "merge_rounds_quick" if args.quick else "merge_rounds"
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(markdown(record)) + "\n")
-    print("\n".join(markdown(record)))
+    return {"command": "python " + " ".join(sys.argv), "machine": {**machine(), **identity()}, "layers": layers,
+           "rounds": num_rounds, "teachers": TEACHERS, "rank": RANK, "tolerance": TOLERANCE, "repeats": repeats,
+           "seconds": seconds, "median_seconds": medians,
+           "ratio_of_medians": {m: [t / f for t, f in zip(medians[m], medians["full"])] for m in TIMED[1:]},
+           "merged_rank": ranks,
+           "accuracy": accuracy,
+           "workers_vs_append": [disagreement(ours, ref)["dense_rel_diff_max"]
+                                 for ours, ref in zip(inputs["append_2_workers"], inputs["append"])]}
 
 
 def markdown(record: dict) -> list[str]:
@@ -154,10 +164,11 @@ def markdown(record: dict) -> list[str]:
              f"at SmolLM2-135M's shapes ({record['layers']} layers)", "",
              f"Command: `{record['command']}` (torch threads: {record['machine']['threads']}; {record['repeats']} "
              f"repeats, interleaved). Machine: {describe(record['machine'])}.", "",
-             "| round | merged rank | full recompress (s) | incremental (s) | append (s) | incremental / full | "
-             "append / full | incremental: dense diff, ranks differ, dropped diff | append: dense diff, ranks "
-             "differ, dropped diff | fp32 projections: dense diff, ranks differ |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "| round | merged rank | full recompress (s) | incremental (s) | append (s) | append, 2 layers at a time "
+             "(s) | incremental / full | append / full | append 2 at a time / full | incremental: dense diff, ranks "
+             "differ, dropped diff | append: dense diff, ranks differ, dropped diff | append 2 at a time: dense diff "
+             "against append | fp32 projections: dense diff, ranks differ |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     medians, ratios, accuracy = record["median_seconds"], record["ratio_of_medians"], record["accuracy"]
 
     def diffs(method: str, t: int, dropped: bool = True) -> str:
@@ -168,14 +179,17 @@ def markdown(record: dict) -> list[str]:
     for t in range(record["rounds"]):
         lines.append(f"| {t + 1} | {record['merged_rank'][t]} | {medians['full'][t]:.2f} | "
                      f"{medians['incremental'][t]:.2f} | {medians['append'][t]:.2f} | "
-                     f"{ratios['incremental'][t]:.2f} | {ratios['append'][t]:.2f} | {diffs('incremental', t)} | "
-                     f"{diffs('append', t)} | {diffs('incremental_fp32', t, dropped=False)} |")
+                     f"{medians['append_2_workers'][t]:.2f} | {ratios['incremental'][t]:.2f} | "
+                     f"{ratios['append'][t]:.2f} | {ratios['append_2_workers'][t]:.2f} | {diffs('incremental', t)} | "
+                     f"{diffs('append', t)} | {record['workers_vs_append'][t]:.1e} | "
+                     f"{diffs('incremental_fp32', t, dropped=False)} |")
     totals = {m: sum(medians[m]) for m in TIMED}
-    lines += ["", f"All five rounds: {totals['full']:.1f} s full, {totals['incremental']:.1f} s incremental "
-              f"({totals['incremental'] / totals['full']:.2f}x), {totals['append']:.1f} s append "
-              f"({totals['append'] / totals['full']:.2f}x). Diffs are against the full merge's result of the same "
-              "round (each method chained over its own previous rounds); dense diff: worst layer's |difference|_F / "
-              "|merged|_F; dropped-norm diff relative to the round's update.", "", COST_NOTE]
+    lines += ["", f"All {record['rounds']} rounds: {totals['full']:.1f} s full, {totals['incremental']:.1f} s "
+              f"incremental ({totals['incremental'] / totals['full']:.2f}x), {totals['append']:.1f} s append "
+              f"({totals['append'] / totals['full']:.2f}x), {totals['append_2_workers']:.1f} s append two layers at a "
+              f"time ({totals['append_2_workers'] / totals['full']:.2f}x). Diffs are against the full merge's result "
+              "of the same round (each method chained over its own previous rounds); dense diff: worst layer's "
+              "|difference|_F / |merged|_F; dropped-norm diff relative to the round's update.", "", COST_NOTE]
     if record.get("note"):
         lines += ["", record["note"]]
     return lines
