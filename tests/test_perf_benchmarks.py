@@ -97,11 +97,10 @@ def test_merge_rounds_times_every_merge_on_the_same_rounds_and_finds_them_equal(
             assert (delta.dense().double() - exact[name]).norm() <= 1e-6 * exact[name].norm(), name
             full_rank = reports[name].rank_before >= min(delta.shape)
             assert delta.rank == (min(delta.shape) if full_rank else full_reports[name].rank_after), name
-    seconds = merge_rounds.timings(rounds, {m: inputs[m] for m in merge_rounds.TIMED}, repeats=1)
-    assert set(seconds) == set(merge_rounds.TIMED)
-    assert all(len(s) == 1 and s[0] > 0 for method in seconds.values() for s in method)
-    # the trainer's merge on 2 cores (two layers at a time) is timed beside the others and gives the append's result
+    # every merge timed on the same rounds, the trainer's (two layers at a time) among them, with the append's result
     record = merge_rounds.measure(layers=1, repeats=1, num_rounds=2)
+    assert set(record["seconds"]) == set(merge_rounds.TIMED) and "append_2_workers" in merge_rounds.TIMED
+    assert all(len(s) == 1 and s[0] > 0 for method in record["seconds"].values() for s in method)
     assert len(record["workers_vs_append"]) == 2 and max(record["workers_vs_append"]) < 1e-8
     report = "\n".join(merge_rounds.markdown(record))
     assert len(re.findall(r"^\| [12] \| ", report, re.M)) == 2 and "two layers at a time" in report

@@ -21,6 +21,13 @@ def quality():
     return load_benchmark("quality/run.py")
 
 
+def finished_run(name: str, seed: int, accuracy: float, steps: int) -> dict:
+    """A cached run as the benchmark saves it: the untrained start, then one scored end point."""
+    curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,
+             "pretrain_accuracy": 0.9}]  # fmt: skip
+    return {"name": name, "job": {"seed": seed}, "curve": curve, "seconds": 1.0}
+
+
 def test_three_digit_teachers_are_right_except_the_noisy_one():
     problems = make_problems(300, seed=0, split="train", digits=3)
     held_out = {p.prompt for p in make_problems(500, seed=0, split="test", digits=3)}
@@ -110,10 +117,7 @@ def test_runs_are_cached_per_machine_and_the_report_names_it(quality, tmp_path):
     assert quality.machine_tag(toggled) != quality.machine_tag(identity)  # another CPU: another cache folder
     newer = {**identity, "cpu_generation": "family 99 model 1"}  # the same name and flags, another generation
     assert quality.machine_tag(newer) != quality.machine_tag(identity)
-    curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": 250, "accuracy": 0.5,
-             "pretrain_accuracy": 0.9}]  # fmt: skip
-    summary = quality.summarize([{"name": "STD-column", "job": {"seed": 0}, "curve": curve, "seconds": 1.0}],
-                                quality.FULL)  # fmt: skip
+    summary = quality.summarize([finished_run("STD-column", 0, 0.5, 250)], quality.FULL)
     summary["machine"] = {**identity, "cpu": "Test CPU", "cpu_generation": "family 1 model 2",
                           "cpu_flags": ["avx2", "avx512_bf16"], "torch": "9.9"}  # fmt: skip
     quality.write_markdown(summary, tmp_path / "q.md", "cmd", 1.0)
@@ -128,9 +132,7 @@ def test_a_learning_rate_arm_has_its_own_cache_and_results(quality, tmp_path):
     assert quality.results_suffix(quality.FULL, quick=False, ablations=False) == ""  # the committed names stay
     assert quality.results_suffix(arm, quick=False, ablations=True) == "_shared_lr0.001_ablations"
     assert quality.cache_folder(arm, False, identity) == f"full-v2-shared-lr0.001-{quality.machine_tag(identity)}"
-    curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": 250, "accuracy": 0.5,
-             "pretrain_accuracy": 0.9}]  # fmt: skip
-    runs = [{"name": "STD-column", "job": {"seed": 0}, "curve": curve, "seconds": 1.0}]
+    runs = [finished_run("STD-column", 0, 0.5, 250)]
     saved = {"summary": {"wall_seconds": 1.0, "command": "cmd", "runs_from_cache": 0}, "runs": runs}
     (tmp_path / "quality_shared_lr0.001.json").write_text(json.dumps(saved))
     quality.main(["--regime", "shared", "--learning-rate", "1e-3", "--report-only", "--results-dir", str(tmp_path),
@@ -139,14 +141,10 @@ def test_a_learning_rate_arm_has_its_own_cache_and_results(quality, tmp_path):
 
 
 def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tmp_path):
-    def run(name, seed, accuracy, steps):
-        curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,
-                 "pretrain_accuracy": 0.9}]  # fmt: skip
-        return {"name": name, "job": {"seed": seed}, "curve": curve, "seconds": 1.0}
-
     setting = dataclasses.replace(quality.FULL)
-    results = [run("MoT", 0, 0.5, 1000), run("MoT", 1, 0.7, 1000), run("STD-column", 0, 0.4, 250),
-               run("STD-column", 1, 0.9, 250), run("MoT-persistent", 1, 0.8, 1000)]  # fmt: skip
+    results = [finished_run("MoT", 0, 0.5, 1000), finished_run("MoT", 1, 0.7, 1000),
+               finished_run("STD-column", 0, 0.4, 250), finished_run("STD-column", 1, 0.9, 250),
+               finished_run("MoT-persistent", 1, 0.8, 1000)]  # fmt: skip
     summary = quality.summarize(results, setting)
     assert summary["mot_minus"]["STD-column"]["values"] == pytest.approx([0.1, -0.2])
     persistent = summary["MoT-persistent_minus"]
@@ -163,13 +161,8 @@ def test_a_variant_run_on_fewer_seeds_is_paired_on_those_and_says_so(quality, tm
 def test_mot_is_paired_with_the_data_parallel_control_even_without_an_std_run(quality, tmp_path):
     """MTD-parallel (issue 39's control at equal compute and equal sequential steps) gets its paired difference,
     also in a report of MoT and the control alone."""
-    def run(name, seed, accuracy, steps):
-        curve = [{"steps": 0, "accuracy": 0.0, "pretrain_accuracy": 1.0}, {"steps": steps, "accuracy": accuracy,
-                 "pretrain_accuracy": 0.9}]  # fmt: skip
-        return {"name": name, "job": {"seed": seed}, "curve": curve, "seconds": 1.0}
-
-    results = [run("MoT", 0, 0.5, 1000), run("MoT", 1, 0.7, 1000), run("MTD-parallel", 0, 0.6, 250),
-               run("MTD-parallel", 1, 0.4, 250)]  # fmt: skip
+    results = [finished_run("MoT", 0, 0.5, 1000), finished_run("MoT", 1, 0.7, 1000),
+               finished_run("MTD-parallel", 0, 0.6, 250), finished_run("MTD-parallel", 1, 0.4, 250)]  # fmt: skip
     summary = quality.summarize(results, dataclasses.replace(quality.FULL))
     assert "best_std" not in summary
     assert summary["mot_minus"]["MTD-parallel"]["values"] == pytest.approx([-0.1, 0.3])
