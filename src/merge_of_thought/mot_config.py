@@ -126,7 +126,8 @@ class MoTConfig(SFTConfig):
         merge_step_size (`float`, defaults to `1.0`): outer step size: each round adds
             ``merge_step_size * sum_k w_k dW_k`` to the student. 1.0 is the paper's plain average; larger values
             extrapolate along the averaged update (an idea beyond the paper: averaging branches that went different
-            ways shrinks the step; see benchmarks/quality/README.md for what it did there).
+            ways shrinks the step). On SmolLM2, 1.5 and 2 scored no better and forgot 4.5x and 9x as much
+            (benchmarks/real_student/README.md); keep 1.0 unless your own validation says otherwise.
         branch_state (`str`, defaults to `"fresh"`): `"fresh"` (the paper) starts every branch of every round from a
             new LoRA adapter and optimizer. `"persistent"` keeps each teacher's LoRA factors and optimizer state
             from round to round, re-based onto the student by a frozen offset so it still starts each round exactly
