@@ -191,3 +191,28 @@ def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_sma
     assert "| MoT | 0.50 / 0.90 | 0.60 / 0.10 | 0.001 (edge) |" in table
     assert grid.choose({5e-4: 0.4, 1e-3: 0.5, 2e-3: 0.3}, [5e-4, 1e-3, 2e-3]) == {
         "rate": 1e-3, "validation_accuracy": 0.5, "edge": False}
+
+
+def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys):
+    """lr_grid.py --validation N reads run.py's folders made with --validation N (``-val<N>``), never the default
+    50's, and says how many problems chose; run.py refuses more than the held-out problems after the scored ones
+    before it loads anything."""
+    grid = load_benchmark("real_student/lr_grid.py")
+    tag = grid.run.quality.machine_tag(grid.run.quality.machine())
+    start = {"accuracy": 0.0, "general_nll": 1.0}
+    for folder, val in ((f"quick-multiply-lr0.001-val4-{tag}", 0.75), (f"quick-multiply-lr0.001-{tag}", 0.25)):
+        (tmp_path / "work" / folder).mkdir(parents=True)
+        (tmp_path / "work" / folder / "untrained.json").write_text(json.dumps(start))
+        curve = [{"steps": 0, **start}, {"steps": 2, "round": 2, "accuracy": 0.5, "general_nll": 1.1,
+                                         "validation_accuracy": val}]  # fmt: skip
+        run = {"job": {"method": "mot", "seed": 0}, "name": "MoT", "curve": curve, "seconds": 1.0}
+        (tmp_path / "work" / folder / "MoT-seed0.json").write_text(json.dumps(run))
+    result = grid.main(["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3",
+                        "--methods", "mot", "--work-dir", str(tmp_path / "work"),
+                        "--results-dir", str(tmp_path / "out")])  # fmt: skip
+    assert result["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75 and result["validation_problems"] == 4
+    assert "accuracy on the 4 validation problems" in (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md"
+                                                       ).read_text()  # fmt: skip
+    with pytest.raises(SystemExit):
+        grid.run.main(["--validation", "201", "--methods", "mot", "--work-dir", str(tmp_path / "refused")])
+    assert "--validation: 1 to 200" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -1,10 +1,12 @@
 """Issue 39's learning-rate grid on the real student: every method at every rate (one seed), each method's rate
-chosen by its accuracy on the validation problems (held-out problems 100-149, never the 100 scored ones).
+chosen by its accuracy on the validation problems (held-out problems 100-149, or more with ``--validation``; never
+the 100 scored ones).
 
     python benchmarks/real_student/lr_grid.py                      # shared regime, seed 0, rates 2e-4 5e-4 1e-3 2e-3
     python benchmarks/real_student/lr_grid.py --rates 1e-3 2e-3    # some rates now, the others later (runs cached)
     python benchmarks/real_student/lr_grid.py --cached-only        # the table from the runs cached so far
-    python benchmarks/real_student/lr_grid.py --regime multiply --methods mot mtd std-left --exploratory mtd-parallel
+    python benchmarks/real_student/lr_grid.py --regime multiply --validation 200 --rates 5e-4 1e-3 2e-3 \
+        --methods mot std-left --exploratory mtd-parallel     # the products grid: 200 validation problems
 
 Each rate is one ``run.py --learning-rate <rate>`` (its own cache folder, so the grid resumes in a later session);
 this script only reads their validation accuracies and applies the rule written in README.md before the grid ran:
@@ -56,10 +58,12 @@ def grid_table(by_rate: dict[float, dict], rates: list[float]) -> dict[str, dict
     return rows
 
 
-def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int) -> str:
+def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int,
+             validation: int = run.Setting.validation) -> str:
     lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}", "",
              f"Command: `{command}`. Design and rule: benchmarks/real_student/README.md. Each cell: accuracy on the "
-             "50 validation problems (what chooses) / on the 100 held-out problems (reported, never used to choose). "
+             f"{validation} validation problems (what chooses) / on the 100 held-out problems (reported, never used "
+             "to choose). "
              "Chosen: the best validation accuracy, a tie to the smaller rate; *edge*: the choice is at the grid's "
              "edge, so the next rate beyond it is owed.", "",
              "| row | " + " | ".join(f"{r:g}" for r in rates) + " | chosen |",
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--regime", choices=sorted(run.REGIMES), default="shared")
     parser.add_argument("--methods", nargs="+", choices=run.METHODS, default=list(METHODS))
     parser.add_argument("--exploratory", nargs="+", choices=list(run.EXPLORATORY), default=list(EXPLORATORY))
+    parser.add_argument("--validation", type=int, default=None, help="validation problems (run.py --validation; "
+                        f"default {run.Setting.validation})")
     parser.add_argument("--cached-only", action="store_true", help="train nothing: the table of the cached runs")
     parser.add_argument("--quick", action="store_true", help="smoke test (run.py --quick at each rate)")
     parser.add_argument("--work-dir", default=str(run.RUNS))
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             call = ["--regime", args.regime, "--seeds", str(args.seed), "--learning-rate", f"{rate:g}",
                     "--methods", *args.methods, "--exploratory", *args.exploratory, "--work-dir", args.work_dir,
                     "--results-dir", reports, *(["--cached-only"] if args.cached_only else []),
+                    *(["--validation", str(args.validation)] if args.validation else []),
                     *(["--quick"] if args.quick else [])]  # fmt: skip
             try:
                 by_rate[rate] = run.main(call)
@@ -105,9 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
         "" if args.regime == "shared" else f"_{args.regime}")
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
+              "validation_problems": args.validation or run.Setting.validation,
               "machine": next((s.get("machine") for s in by_rate.values()), None)}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(rows, rates, command, args.regime, args.seed))
+    validation = args.validation or run.Setting.validation
+    (out / f"{stem}.md").write_text(markdown(rows, rates, command, args.regime, args.seed, validation))
     print((out / f"{stem}.md").read_text())
     return result
 

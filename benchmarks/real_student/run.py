@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from hardware import keep_freed_memory  # noqa: E402
-from task import FACT_QUESTIONS, GENERAL_PROMPTS, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
+from task import FACT_QUESTIONS, GENERAL_PROMPTS, HELD_OUT, REGIMES, held_out_dataset, split, teacher_dataset  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("quality_run", HERE.parent / "quality" / "run.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -61,7 +61,7 @@ class Setting(quality.Setting):
     general_tokens: int = 48  # the untrained student's answer length to them
     facts: int = 40  # of task.FACT_QUESTIONS: the second forgetting probe
     fact_tokens: int = 40
-    validation: int = 50  # held-out problems after the scored ones: mot-val-weighted's branch scores
+    validation: int = 50  # held-out problems after the scored ones: the grid's choice, mot-val-weighted's weights
     regime: str = "shared"  # task.REGIMES: "shared" (the first design), "formats", or "multiply" (the second task)
     bf16: bool = False  # nf4 compute and TRL's autocast in bf16 (issue 38's CPU study; fast with AVX512-BF16 only)
 
@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"every method's learning rate (default {Setting.learning_rate:g}); given, even at the "
                         "default, the runs are cached and reported apart (suffix _lr<rate>): issue 39's grid, whose "
                         "runs all carry their validation accuracy")  # fmt: skip
+    parser.add_argument("--validation", type=int, default=None,
+                        help=f"validation problems (default {Setting.validation}; at most {HELD_OUT - Setting.held_out}"
+                        "): what the learning-rate grid chooses by; given, the runs are cached and reported apart "
+                        "(suffix _val<n>)")  # fmt: skip
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -428,9 +432,15 @@ def main(argv: list[str] | None = None) -> dict:
         setting = dataclasses.replace(setting, steps_per_round=args.steps)
     if args.learning_rate is not None:
         setting = dataclasses.replace(setting, learning_rate=args.learning_rate)
+    if args.validation is not None:
+        if not 0 < args.validation <= HELD_OUT - setting.held_out:
+            parser.error(f"--validation: 1 to {HELD_OUT - setting.held_out} (the held-out problems after the "
+                         f"{setting.held_out} scored ones)")
+        setting = dataclasses.replace(setting, validation=args.validation)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
     regime += "" if args.learning_rate is None else f"-lr{args.learning_rate:g}"
+    regime += "" if args.validation is None else f"-val{args.validation}"
     tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"

@@ -57,7 +57,10 @@ class Product:
 SECOND_FACTORS = [b for b in range(22, 100) if b % 10 > 1 and b // 10 > 1]  # neither digit 0 or 1
 
 
-def split(held_out: int = 300, regime: str = "shared") -> tuple[list, list]:
+HELD_OUT = 300  # problems held out of every training pool: the scored ones first, then the validation ones
+
+
+def split(held_out: int = HELD_OUT, regime: str = "shared") -> tuple[list, list]:
     """(training pool, held-out problems) of the regime's task: disjoint, the same for every seed."""
     rng = random.Random(SPLIT_SEED)
     seen, problems = set(), []
