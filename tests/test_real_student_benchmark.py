@@ -195,24 +195,40 @@ def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_sma
 
 def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys):
     """lr_grid.py --validation N reads run.py's folders made with --validation N (``-val<N>``), never the default
-    50's, and says how many problems chose; run.py refuses more than the held-out problems after the scored ones
-    before it loads anything."""
+    50's, and says how many problems chose; --compare-seeds then reads each row at its own chosen rate, paired
+    against MoT; run.py refuses more validation problems than the held-out ones after the scored ones, before it
+    loads anything."""
     grid = load_benchmark("real_student/lr_grid.py")
     tag = grid.run.quality.machine_tag(grid.run.quality.machine())
-    start = {"accuracy": 0.0, "general_nll": 1.0}
-    for folder, val in ((f"quick-multiply-lr0.001-val4-{tag}", 0.75), (f"quick-multiply-lr0.001-{tag}", 0.25)):
+    start = {"accuracy": 0.0, "general_nll": 1.0, "facts_kept": 1.0}
+    # folder: {(name, method, seed): (validation, held-out accuracy)}; the default-50 folder must not be read
+    runs = {f"quick-multiply-lr0.001-val4-{tag}": {("MoT", "mot", 0): (0.75, 0.25), ("MoT", "mot", 1): (0.5, 0.5),
+                                                   ("STD-left", "std-left", 0): (0.25, 0.75)},
+            f"quick-multiply-lr0.002-val4-{tag}": {("MoT", "mot", 0): (0.5, 1.0),
+                                                   ("STD-left", "std-left", 0): (0.5, 0.5),
+                                                   ("STD-left", "std-left", 1): (0.5, 0.25)},
+            f"quick-multiply-lr0.001-{tag}": {("MoT", "mot", 0): (1.0, 1.0)}}  # fmt: skip
+    for folder, cached in runs.items():
         (tmp_path / "work" / folder).mkdir(parents=True)
         (tmp_path / "work" / folder / "untrained.json").write_text(json.dumps(start))
-        curve = [{"steps": 0, **start}, {"steps": 2, "round": 2, "accuracy": 0.5, "general_nll": 1.1,
-                                         "validation_accuracy": val}]  # fmt: skip
-        run = {"job": {"method": "mot", "seed": 0}, "name": "MoT", "curve": curve, "seconds": 1.0}
-        (tmp_path / "work" / folder / "MoT-seed0.json").write_text(json.dumps(run))
+        for (name, method, seed), (val, held) in cached.items():
+            end = {"steps": 2, "round": 2, "accuracy": held, "general_nll": 1.25, "validation_accuracy": val,
+                   "facts_kept": 0.5}  # fmt: skip
+            run = {"job": {"method": method, "seed": seed}, "name": name, "curve": [{"steps": 0, **start}, end],
+                   "seconds": 1.0}  # fmt: skip
+            (tmp_path / "work" / folder / f"{name}-seed{seed}.json").write_text(json.dumps(run))
     result = grid.main(["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3",
-                        "--methods", "mot", "--work-dir", str(tmp_path / "work"),
-                        "--results-dir", str(tmp_path / "out")])  # fmt: skip
+                        "2e-3", "--methods", "mot", "std-left", "--exploratory", "mtd-parallel", "--compare-seeds",
+                        "0", "1", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "out")])
     assert result["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75 and result["validation_problems"] == 4
-    assert "accuracy on the 4 validation problems" in (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md"
-                                                       ).read_text()  # fmt: skip
+    assert result["rows"]["MoT"]["choice"]["rate"] == 1e-3 and result["rows"]["STD-left"]["choice"]["rate"] == 2e-3
+    mot, std = result["comparison"]["MoT"], result["comparison"]["STD-left"]
+    assert mot["rate"] == 1e-3 and mot["accuracy"]["values"] == [0.25, 0.5]
+    assert std["rate"] == 2e-3 and std["accuracy"]["values"] == [0.5, 0.25]
+    assert std["mot_minus"]["values"] == [-0.25, 0.25] and std["forgetting"]["mean"] == 0.25
+    report = (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md").read_text()
+    assert "accuracy on the 4 validation problems" in report
+    assert "| STD-left | 0.002 | 0, 1 | 0.375 +- 0.177 (0.50, 0.25) | 0.000 +- 0.354 (-0.25, +0.25) |" in report
     with pytest.raises(SystemExit):
         grid.run.main(["--validation", "201", "--methods", "mot", "--work-dir", str(tmp_path / "refused")])
     assert "--validation: 1 to 200" in capsys.readouterr().err and not (tmp_path / "refused").exists()

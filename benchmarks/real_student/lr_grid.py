@@ -5,6 +5,7 @@ the 100 scored ones).
     python benchmarks/real_student/lr_grid.py                      # shared regime, seed 0, rates 2e-4 5e-4 1e-3 2e-3
     python benchmarks/real_student/lr_grid.py --rates 1e-3 2e-3    # some rates now, the others later (runs cached)
     python benchmarks/real_student/lr_grid.py --cached-only        # the table from the runs cached so far
+    python benchmarks/real_student/lr_grid.py --compare-seeds 0 1 2   # then each row at its chosen rate, 3 seeds
     python benchmarks/real_student/lr_grid.py --regime multiply --validation 200 --rates 5e-4 1e-3 2e-3 \
         --methods mot std-left --exploratory mtd-parallel     # the products grid: 200 validation problems
 
@@ -59,7 +60,7 @@ def grid_table(by_rate: dict[float, dict], rates: list[float]) -> dict[str, dict
 
 
 def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int,
-             validation: int = run.Setting.validation) -> str:
+             validation: int = run.Setting.validation) -> str:  # fmt: skip
     lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}", "",
              f"Command: `{command}`. Design and rule: benchmarks/real_student/README.md. Each cell: accuracy on the "
              f"{validation} validation problems (what chooses) / on the 100 held-out problems (reported, never used "
@@ -77,6 +78,66 @@ def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: st
     return "\n".join(lines) + "\n"
 
 
+def run_rate(args: argparse.Namespace, rate: float, seeds: list[int], methods: list[str], reports: str) -> dict:
+    """``run.py`` at one rate for ``seeds`` and ``methods`` (its report to ``reports``, not kept): its summary, or
+    {} where ``--cached-only`` finds no run of the rate yet."""
+    call = ["--regime", args.regime, "--seeds", *map(str, seeds), "--learning-rate", f"{rate:g}",
+            "--methods", *methods, "--work-dir", args.work_dir, "--results-dir", reports,
+            *(["--cached-only"] if args.cached_only else []),
+            *(["--validation", str(args.validation)] if args.validation else []),
+            *(["--quick"] if args.quick else [])]  # fmt: skip
+    try:
+        return run.main(call)
+    except SystemExit as nothing_cached:
+        print(f"rate {rate:g}: {nothing_cached}", flush=True)
+        return {}
+
+
+def compare(args: argparse.Namespace, rows: dict[str, dict], reports: str) -> dict[str, dict]:
+    """Each row at its chosen rate on ``--compare-seeds``: accuracy, forgetting (both probes) and, paired on the
+    seeds both have, MoT minus the row."""
+    method_of = {run.Job(m, 0).name: m for m in [*args.methods, *args.exploratory]}
+    chosen: dict[float, dict[str, str]] = {}  # rate: {row: method}; MTD-50 and MTD-200 both read MTD's run
+    for label, row in rows.items():
+        chosen.setdefault(row["choice"]["rate"], {})[label] = method_of.get(label, "mtd")
+    table: dict[str, dict] = {}
+    for rate, labels in sorted(chosen.items()):
+        summary = run_rate(args, rate, args.compare_seeds, sorted(set(labels.values())), reports)
+        for label in labels:
+            if label in summary.get("methods", {}):
+                row = summary["methods"][label]
+                facts = summary["facts"].get(label)
+                table[label] = {"rate": rate, "seeds": row["seeds"], "accuracy": row["accuracy"],
+                                "forgetting": row["forgetting"],
+                                "facts_kept": facts and facts["facts_kept"]}  # fmt: skip
+    mot = run.quality._by_seed(table["MoT"]) if "MoT" in table else {}
+    for label, row in table.items():
+        other = run.quality._by_seed(row)
+        seeds = sorted(mot.keys() & other.keys())
+        if label != "MoT" and seeds:
+            row["mot_minus"] = {**run.quality._mean_std([mot[s] - other[s] for s in seeds]), "seeds": seeds}
+    return table
+
+
+def comparison_markdown(table: dict[str, dict]) -> str:
+    """The comparison at the chosen rates: one row per method, paired differences against MoT."""
+    lines = ["", "## Each row at its chosen rate", "",
+             "Held-out accuracy over the seeds each row has at its rate (mean +- std, then per seed); MoT minus the "
+             "row, paired on the seeds both have; forgetting: the NLL probe's rise and the facts still stated.", "",
+             "| row | rate | seeds | accuracy | MoT minus it, paired | NLL forgetting | facts kept |",
+             "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for label, row in table.items():
+        per_seed = ", ".join(f"{v:.2f}" for v in row["accuracy"]["values"])
+        paired = row.get("mot_minus")
+        paired_cell = (f"{run.quality._fmt(paired)} ({', '.join(f'{v:+.2f}' for v in paired['values'])})"
+                       if paired else "")  # fmt: skip
+        facts = run.quality._fmt(row["facts_kept"]) if row["facts_kept"] else "-"
+        lines.append(f"| {label} | {row['rate']:g} | {', '.join(map(str, row['seeds']))} | "
+                     f"{run.quality._fmt(row['accuracy'])} ({per_seed}) | {paired_cell} | "
+                     f"{run.quality._fmt(row['forgetting'])} | {facts} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
@@ -86,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exploratory", nargs="+", choices=list(run.EXPLORATORY), default=list(EXPLORATORY))
     parser.add_argument("--validation", type=int, default=None, help="validation problems (run.py --validation; "
                         f"default {run.Setting.validation})")
+    parser.add_argument("--compare-seeds", type=int, nargs="+", default=None,
+                        help="then every row at its chosen rate on these seeds (training the runs not cached), "
+                        "paired against MoT's: the comparison the grid is for")
     parser.add_argument("--cached-only", action="store_true", help="train nothing: the table of the cached runs")
     parser.add_argument("--quick", action="store_true", help="smoke test (run.py --quick at each rate)")
     parser.add_argument("--work-dir", default=str(run.RUNS))
@@ -95,16 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     by_rate: dict[float, dict] = {}
     with tempfile.TemporaryDirectory() as reports:  # each rate's own report is not kept: this table is the result
         for rate in rates:
-            call = ["--regime", args.regime, "--seeds", str(args.seed), "--learning-rate", f"{rate:g}",
-                    "--methods", *args.methods, "--exploratory", *args.exploratory, "--work-dir", args.work_dir,
-                    "--results-dir", reports, *(["--cached-only"] if args.cached_only else []),
-                    *(["--validation", str(args.validation)] if args.validation else []),
-                    *(["--quick"] if args.quick else [])]  # fmt: skip
-            try:
-                by_rate[rate] = run.main(call)
-            except SystemExit as nothing_cached:  # --cached-only and no run of this rate yet
-                print(f"rate {rate:g}: {nothing_cached}", flush=True)
-    rows = grid_table(by_rate, rates)
+            by_rate[rate] = run_rate(args, rate, [args.seed], [*args.methods, *args.exploratory], reports)
+        rows = grid_table({rate: summary for rate, summary in by_rate.items() if summary}, rates)
+        comparison = compare(args, rows, reports) if args.compare_seeds else None
     command = ("python benchmarks/real_student/lr_grid.py " + " ".join(argv if argv is not None
                else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
@@ -112,11 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
     stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
         "" if args.regime == "shared" else f"_{args.regime}")
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
-              "validation_problems": args.validation or run.Setting.validation,
-              "machine": next((s.get("machine") for s in by_rate.values()), None)}  # fmt: skip
+              "validation_problems": args.validation or run.Setting.validation, "comparison": comparison,
+              "machine": next((s.get("machine") for s in by_rate.values() if s), None)}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     validation = args.validation or run.Setting.validation
-    (out / f"{stem}.md").write_text(markdown(rows, rates, command, args.regime, args.seed, validation))
+    report = markdown(rows, rates, command, args.regime, args.seed, validation)
+    (out / f"{stem}.md").write_text(report + (comparison_markdown(comparison) if comparison else ""))
     print((out / f"{stem}.md").read_text())
     return result
 
