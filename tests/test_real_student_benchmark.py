@@ -189,8 +189,8 @@ def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_sma
     assert rows["MoT"]["rates"][2e-4] == {"validation": 0.5, "held_out": 0.9}
     table = (tmp_path / "out" / "real_student_lr_grid_quick.md").read_text()
     assert "| MoT | 0.50 / 0.90 | 0.60 / 0.10 | 0.001 (edge) |" in table
-    assert grid.choose({5e-4: 0.4, 1e-3: 0.5, 2e-3: 0.3}, [5e-4, 1e-3, 2e-3]) == {
-        "rate": 1e-3, "validation_accuracy": 0.5, "edge": False}
+    assert grid.choose({5e-4: 0.4, 1e-3: 0.5, 2e-3: 0.3}) == {"rate": 1e-3, "validation_accuracy": 0.5, "edge": False}
+    assert grid.choose({5e-4: 0.4, 1e-3: 0.5})["edge"]  # a row's own edge: the grid's next rate is owed to it
 
 
 def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys):
