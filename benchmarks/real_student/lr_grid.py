@@ -69,9 +69,10 @@ def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: st
              "or largest rate its row has run, so the next rate beyond it is owed.", "",
              "| row | " + " | ".join(f"{r:g}" for r in rates) + " | chosen |",
              "|---|" + "---:|" * len(rates) + "---|"]  # fmt: skip
+    digits = 2 if validation <= 100 else 3  # steps of 0.005 on 200 problems
     for label, row in rows.items():
-        cells = [f"{row['rates'][r]['validation']:.2f} / {row['rates'][r]['held_out']:.2f}" if r in row["rates"]
-                 else "-" for r in rates]  # fmt: skip
+        cells = [f"{row['rates'][r]['validation']:.{digits}f} / {row['rates'][r]['held_out']:.2f}"
+                 if r in row["rates"] else "-" for r in rates]  # fmt: skip
         choice = row["choice"]
         cells.append(f"{choice['rate']:g}" + (" (edge)" if choice["edge"] else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
