@@ -232,3 +232,6 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     with pytest.raises(SystemExit):
         grid.run.main(["--validation", "201", "--methods", "mot", "--work-dir", str(tmp_path / "refused")])
     assert "--validation: 1 to 200" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit):  # the grid stops on it too, rather than skipping every rate
+        grid.main(["--validation", "201", "--cached-only", "--work-dir", str(tmp_path / "refused")])
+    assert "--validation: 1 to 200" in capsys.readouterr().err

@@ -284,11 +284,9 @@ def summarize(results: list[dict], setting: Setting) -> dict:
         for baseline in (best, mtd_path, mtd_compute, *others, *(["MoT"] if variant != "MoT" else [])):
             if baseline not in rows:
                 continue
-            mot, other = _by_seed(rows[variant]), _by_seed(rows[baseline])
-            seeds = sorted(mot.keys() & other.keys())  # paired on the seeds both have run
-            if seeds:
-                paired = _mean_std([mot[s] - other[s] for s in seeds])
-                summary.setdefault(key, {})[baseline] = {**paired, "seeds": seeds}
+            paired = paired_difference(rows[variant], rows[baseline])
+            if paired:
+                summary.setdefault(key, {})[baseline] = paired
     for name, curves in by_name.items():
         if name.startswith("MoT"):
             per_round, kept = {}, {}
@@ -307,6 +305,14 @@ def summarize(results: list[dict], setting: Setting) -> dict:
 
 def _by_seed(row: dict) -> dict[int, float]:
     return dict(zip(row["seeds"], row["accuracy"]["values"]))
+
+
+def paired_difference(row: dict, other: dict) -> dict | None:
+    """``row``'s accuracy minus ``other``'s, paired on the seeds both have run (mean, std, values, seeds); None
+    when they share no seed."""
+    mine, theirs = _by_seed(row), _by_seed(other)
+    seeds = sorted(mine.keys() & theirs.keys())
+    return {**_mean_std([mine[s] - theirs[s] for s in seeds]), "seeds": seeds} if seeds else None
 
 
 def _fmt(stat: dict) -> str:

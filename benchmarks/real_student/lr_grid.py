@@ -90,6 +90,8 @@ def run_rate(args: argparse.Namespace, rate: float, seeds: list[int], methods: l
     try:
         return run.main(call)
     except SystemExit as nothing_cached:
+        if not isinstance(nothing_cached.code, str):  # a usage error (argparse exits 2): not a rate to skip
+            raise
         print(f"rate {rate:g}: {nothing_cached}", flush=True)
         return {}
 
@@ -111,12 +113,10 @@ def compare(args: argparse.Namespace, rows: dict[str, dict], reports: str) -> di
                 table[label] = {"rate": rate, "seeds": row["seeds"], "accuracy": row["accuracy"],
                                 "forgetting": row["forgetting"],
                                 "facts_kept": facts and facts["facts_kept"]}  # fmt: skip
-    mot = run.quality._by_seed(table["MoT"]) if "MoT" in table else {}
     for label, row in table.items():
-        other = run.quality._by_seed(row)
-        seeds = sorted(mot.keys() & other.keys())
-        if label != "MoT" and seeds:
-            row["mot_minus"] = {**run.quality._mean_std([mot[s] - other[s] for s in seeds]), "seeds": seeds}
+        paired = run.quality.paired_difference(table["MoT"], row) if "MoT" in table and label != "MoT" else None
+        if paired:
+            row["mot_minus"] = paired
     return table
 
 
@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
         "" if args.regime == "shared" else f"_{args.regime}")
+    validation = args.validation or run.Setting.validation
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
-              "validation_problems": args.validation or run.Setting.validation, "comparison": comparison,
+              "validation_problems": validation, "comparison": comparison,
               "machine": next((s.get("machine") for s in by_rate.values() if s), None)}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    validation = args.validation or run.Setting.validation
     report = markdown(rows, rates, command, args.regime, args.seed, validation)
     (out / f"{stem}.md").write_text(report + (comparison_markdown(comparison) if comparison else ""))
     print((out / f"{stem}.md").read_text())
