@@ -189,6 +189,7 @@ def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_sma
     assert rows["MoT"]["rates"][2e-4] == {"validation": 0.5, "held_out": 0.9}
     table = (tmp_path / "out" / "real_student_lr_grid_quick.md").read_text()
     assert "| MoT | 0.50 / 0.90 | 0.60 / 0.10 | 0.001 (edge) |" in table
+    assert "accuracy on the 4 validation problems (what chooses) / on the 4 held-out problems" in table  # --quick's
     assert grid.choose({5e-4: 0.4, 1e-3: 0.5, 2e-3: 0.3}) == {"rate": 1e-3, "validation_accuracy": 0.5, "edge": False}
     assert grid.choose({5e-4: 0.4, 1e-3: 0.5})["edge"]  # a row's own edge: the grid's next rate is owed to it
 
@@ -227,7 +228,7 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     assert std["rate"] == 2e-3 and std["accuracy"]["values"] == [0.5, 0.25]
     assert std["mot_minus"]["values"] == [-0.25, 0.25] and std["forgetting"]["mean"] == 0.25
     report = (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md").read_text()
-    assert "accuracy on the 4 validation problems" in report and "| MoT | 0.75 / 0.25 | 0.50 / 1.00 |" in report
+    assert "4 validation problems (what chooses) / on the 4 held-out problems" in report and "| MoT | 0.75 / 0.25 | 0.50 / 1.00 |" in report
     assert "| STD-left | 0.002 | 0, 1 | 0.375 +- 0.177 (0.50, 0.25) | 0.000 +- 0.354 (-0.25, +0.25) |" in report
     with pytest.raises(SystemExit):
         grid.run.main(["--validation", "201", "--methods", "mot", "--work-dir", str(tmp_path / "refused")])

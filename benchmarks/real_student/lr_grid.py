@@ -60,11 +60,11 @@ def grid_table(by_rate: dict[float, dict], rates: list[float]) -> dict[str, dict
 
 
 def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int,
-             validation: int = run.Setting.validation) -> str:  # fmt: skip
+             validation: int = run.Setting.validation, held_out: int = run.Setting.held_out) -> str:  # fmt: skip
     lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}", "",
              f"Command: `{command}`. Design and rule: benchmarks/real_student/README.md. Each cell: accuracy on the "
-             f"{validation} validation problems (what chooses) / on the 100 held-out problems (reported, never used "
-             "to choose). "
+             f"{validation} validation problems (what chooses) / on the {held_out} held-out problems (reported, "
+             "never used to choose). "
              "Chosen: the best validation accuracy, a tie to the smaller rate; *edge*: the choice is the smallest "
              "or largest rate its row has run, so the next rate beyond it is owed.", "",
              "| row | " + " | ".join(f"{r:g}" for r in rates) + " | chosen |",
@@ -169,12 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
         "" if args.regime == "shared" else f"_{args.regime}")
-    validation = args.validation or run.Setting.validation
+    setting = run.QUICK if args.quick else run.Setting()  # the problem counts the runs were scored on
+    validation = args.validation or setting.validation
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
               "validation_problems": validation, "comparison": comparison,
               "machine": next((s.get("machine") for s in by_rate.values() if s), None)}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    report = markdown(rows, rates, command, args.regime, args.seed, validation)
+    report = markdown(rows, rates, command, args.regime, args.seed, validation, setting.held_out)
     (out / f"{stem}.md").write_text(report + (comparison_markdown(comparison) if comparison else ""))
     print((out / f"{stem}.md").read_text())
     return result
