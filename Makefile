@@ -5,9 +5,10 @@ PYTHON ?= python3
 # The CPU build of torch. An unpinned torch pulls a multi-GB CUDA build; on a GPU machine set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
-# Test processes (pytest-xdist). Each test file runs whole on one of them, as with --dist loadfile, except the two files
-# that train on two threads, which share one so they never overlap (tests/conftest.py). Most tests use one CPU
-# thread, so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0 runs them in this process.
+# Test processes (pytest-xdist). Each test file runs whole on one of them, as with --dist loadfile (tests/conftest.py).
+# Every test trains on one CPU thread (a second one beside the other process oversubscribes two cores: the real
+# student's smoke test took 3.3x as long), so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0
+# runs them in this process.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean

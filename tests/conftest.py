@@ -27,8 +27,8 @@ LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Group the tests for ``--dist loadgroup`` (``make test``): each test file is one unit of work, as with
-    ``--dist loadfile`` (module fixtures such as the SmolLM2 conversion run once), except the files marked
-    ``xdist_group(helpers.TWO_THREADS)``, which share one unit so they run one after another on one process."""
+    ``--dist loadfile`` (module fixtures such as the SmolLM2 conversion run once); a file marked with its own
+    ``xdist_group`` shares that group's unit (none is now: every test trains on one thread)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))

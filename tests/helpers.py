@@ -13,12 +13,6 @@ from safetensors.torch import load_file
 
 from merge_of_thought import MoTConfig, MoTTrainer
 
-TWO_THREADS = "two-cpu-threads"
-"""The pytest-xdist group of the test files that train on two CPU threads (the demo, the real student's smoke run):
-two of them at once oversubscribe two cores (a fresh-clone suite took 15.7 min when they overlapped, 12.8 when not),
-so they share one unit of work and run one after the other (conftest.py groups every other file by itself)."""
-
-
 def quick_config(output_dir, **overrides) -> MoTConfig:
     values = dict(
         output_dir=str(output_dir),

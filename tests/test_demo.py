@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from helpers import TWO_THREADS
 from merge_of_thought.cli import main
 from merge_of_thought.demo.task import TEACHERS, extract_answer, make_problems, make_teacher_dataset
-
-pytestmark = pytest.mark.xdist_group(TWO_THREADS)  # trains on two threads: never beside the other one
 
 
 def test_mot_demo_shows_learning(cpu_4bit_repacking, tmp_path, capsys):
     """On bitsandbytes' AVX512-BF16 path (native or switched on: conftest.py), which broke it before quantization.py."""
-    assert main(["demo", "--output-dir", str(tmp_path), "--threads", "2"]) == 0
+    # one thread: the same result as two (0.83) in the same time alone, and a third of the time beside the other
+    # xdist process's tests (two threads on top of its one oversubscribe two cores)
+    assert main(["demo", "--output-dir", str(tmp_path), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     accuracies = {int(r[0]): float(r[1]) for r in rows}

@@ -253,8 +253,9 @@ def score(model, tokenizer, held, probes: Probes, setting: Setting, validation=N
     return scores
 
 
-def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point: dict) -> dict:
-    """Train one method for one seed; return its curve of scores (step 0 = the untrained student)."""
+def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point: dict, threads: int = 2) -> dict:
+    """Train one method for one seed on ``threads`` CPU threads; return its curve of scores (step 0 = the untrained
+    student)."""
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -264,7 +265,7 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
     from merge_of_thought.demo.run import quiet
 
     quiet()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     model, tokenizer = load_student(folder, setting.bf16)
     pool, held_problems = split(regime=setting.regime)
@@ -413,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"validation problems (default {Setting.validation}; at most {HELD_OUT - Setting.held_out}"
                         "): what the learning-rate grid chooses by; given, the runs are cached and reported apart "
                         "(suffix _val<n>)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads per run (default 2, one run at a time on 2 cores); another count can change "
+                        "the results in the last bits, so its runs are cached and reported apart (suffix _threads<n>)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -437,10 +441,13 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--validation: 1 to {HELD_OUT - setting.held_out} (the held-out problems after the "
                          f"{setting.held_out} scored ones)")
         setting = dataclasses.replace(setting, validation=args.validation)
+    if args.threads < 1:
+        parser.error("--threads: at least 1")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
     regime += "" if args.learning_rate is None else f"-lr{args.learning_rate:g}"
     regime += "" if args.validation is None else f"-val{args.validation}"
+    regime += "" if args.threads == 2 else f"-threads{args.threads}"
     tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
     work = Path(args.work_dir) / f"{tag}-{quality.machine_tag(identity)}"
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path.exists():
             result = {"machine": folder_machine(path.parent), **json.loads(path.read_text()), "cached": True}
         else:
-            result = {**run_job(job, setting, folder, probes, start_point), "machine": identity}
+            result = {**run_job(job, setting, folder, probes, start_point, args.threads), "machine": identity}
             quality.write_json_atomic(path, result)
         results.append(result)
         final = result["curve"][-1]
