@@ -10,8 +10,8 @@ from merge_of_thought.demo.task import TEACHERS, extract_answer, make_problems, 
 
 def test_mot_demo_shows_learning(cpu_4bit_repacking, tmp_path, capsys):
     """On bitsandbytes' AVX512-BF16 path (native or switched on: conftest.py), which broke it before quantization.py."""
-    # one thread: the same result as two (0.83) in the same time alone, and a third of the time beside the other
-    # xdist process's tests (two threads on top of its one oversubscribe two cores)
+    # one thread: the same result as two (0.83) in the same time alone, and under half the time beside the other
+    # xdist process's tests (61 s against 144 s: two threads on top of its one oversubscribe two cores)
     assert main(["demo", "--output-dir", str(tmp_path), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
