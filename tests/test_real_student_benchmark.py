@@ -72,7 +72,8 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     # one thread: on two, beside the other xdist process's tests, this test took 3.3 times as long (cached apart)
     quick = ["--quick", "--threads", "1"]
     run = [*quick, "--methods", "mot", "mot-val-weighted", *work, "--results-dir", str(results)]
-    report_name = "real_student_quick_threads1"
+    report_name, identity = "real_student_quick_threads1", bench.quality.machine()
+    folder_name = f"quick-threads1-{bench.quality.machine_tag(identity)}"  # the cache of this machine, one thread
     summary = bench.main(run)
     methods = summary["methods"]
     assert set(methods) == {"MoT", "MoT-val-weighted"} and methods["MoT"]["steps"] == 8
@@ -82,8 +83,7 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     assert [p["steps"] for p in mot["curve"]] == [0, 4, 8] and all("merge_kept_norm" in p for p in mot["curve"][1:])
     assert all(0 <= p["accuracy"] <= 1 and p["general_nll"] > 0 for p in mot["curve"])
     # the second forgetting probe: the facts the untrained student stated, asked again at every scoring point
-    known = json.loads((tmp_path / "work" / f"quick-threads1-{bench.quality.machine_tag(bench.quality.machine())}"
-                        / "known_facts.json").read_text())  # fmt: skip
+    known = json.loads((tmp_path / "work" / folder_name / "known_facts.json").read_text())
     assert known["asked"] == 4 and 0 < len(known["known"]) <= 4 and known["facts_kept"] > 0.5
     assert all(0 <= p["facts_kept"] <= 1 for p in mot["curve"]) and mot["curve"][0]["facts_kept"] == known["facts_kept"]
     assert set(saved["summary"]["facts"]) == {"MoT", "MoT-val-weighted"}
@@ -92,9 +92,8 @@ def test_quick_smoke_run_on_smollm2(bench, tmp_path):
     assert "| MoT | 0 |" in (results / f"{report_name}_exploratory.md").read_text().split("Second probe")[1]
     assert (results / f"{report_name}_exploratory.png").read_bytes().startswith(b"\x89PNG")
     assert "| MoT | 8 |" in (results / f"{report_name}_exploratory.md").read_text()
-    identity = bench.quality.machine()
     assert saved["summary"]["machine"] == identity  # the runs' machine, whose kernels decide their results
-    assert [p.name for p in (tmp_path / "work").iterdir()] == [f"quick-threads1-{bench.quality.machine_tag(identity)}"]
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [folder_name]
 
     # mot-val-weighted: each round merged with the branches' validation accuracies, normalised (teacher_weighting)
     weighted = next(r for r in saved["runs"] if r["name"] == "MoT-val-weighted")

@@ -253,10 +253,8 @@ def score(model, tokenizer, held, probes: Probes, setting: Setting, validation=N
     return scores
 
 
-def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point: dict, threads: int = 2) -> dict:
-    """Train one method for one seed on ``threads`` CPU threads; return its curve of scores (step 0 = the untrained
-    student)."""
-    import torch
+def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point: dict) -> dict:
+    """Train one method for one seed; return its curve of scores (step 0 = the untrained student)."""
     from peft import LoraConfig
     from transformers import TrainerCallback
 
@@ -265,7 +263,6 @@ def run_job(job: Job, setting: Setting, folder: str, probes: Probes, start_point
     from merge_of_thought.demo.run import quiet
 
     quiet()
-    torch.set_num_threads(threads)
     start = time.perf_counter()
     model, tokenizer = load_student(folder, setting.bf16)
     pool, held_problems = split(regime=setting.regime)
@@ -423,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "later session on the same kind of machine resumes; commit it)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
+    import torch
+
     from merge_of_thought.students import smollm2_135m
 
     keep_freed_memory()
@@ -443,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         setting = dataclasses.replace(setting, validation=args.validation)
     if args.threads < 1:
         parser.error("--threads: at least 1")
+    torch.set_num_threads(args.threads)  # the untrained student's scores and every run: all cached under this count
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
     regime += "" if args.learning_rate is None else f"-lr{args.learning_rate:g}"
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path.exists():
             result = {"machine": folder_machine(path.parent), **json.loads(path.read_text()), "cached": True}
         else:
-            result = {**run_job(job, setting, folder, probes, start_point, args.threads), "machine": identity}
+            result = {**run_job(job, setting, folder, probes, start_point), "machine": identity}
             quality.write_json_atomic(path, result)
         results.append(result)
         final = result["curve"][-1]
