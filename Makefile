@@ -5,7 +5,8 @@ PYTHON ?= python3
 # The CPU build of torch. An unpinned torch pulls a multi-GB CUDA build; on a GPU machine set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
-# Test processes (pytest-xdist). Each test file runs whole on one of them, as with --dist loadfile (tests/conftest.py).
+# Test processes (pytest-xdist). Each test file runs whole on one of them (--dist loadfile: module fixtures such as
+# the SmolLM2 conversion run once).
 # Every test trains on one CPU thread (a second one beside the other process oversubscribes two cores: the real
 # student's smoke test took 3.3x as long), so 2 processes on 2 cores take about half the time of one; TEST_WORKERS=0
 # runs them in this process.
@@ -28,7 +29,7 @@ demo: install
 	$(BIN)/mot demo
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) mot-demo-output .pytest_cache

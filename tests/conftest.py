@@ -24,16 +24,6 @@ torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisati
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Group the tests for ``--dist loadgroup`` (``make test``): each test file is one unit of work, as with
-    ``--dist loadfile`` (module fixtures such as the SmolLM2 conversion run once); a file marked with its own
-    ``xdist_group`` shares that group's unit (none is now: every test trains on one thread)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
-
 def pytest_report_header(config):
     how = "native on this CPU" if cpu_repacks_4bit() else "emulated (this CPU has no AVX512-BF16)"
     return f"bitsandbytes' AVX512-BF16 4-bit repacking in the tests that ask for it: {how}"
