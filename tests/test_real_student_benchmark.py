@@ -160,6 +160,39 @@ def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
     assert "seed 1: not recorded." in text
 
 
+def test_across_machines_a_method_added_later_pairs_with_a_seed_made_elsewhere_and_the_report_names_it(
+        bench, tmp_path):
+    """--across-machines: a run the seed's folder lacks comes from another machine's folder that holds it (trained
+    here only when none does), and the report names that run's machine, since the pairing crosses CPUs."""
+    here, old = tmp_path / "s10-formats-aaaaaaaa", tmp_path / "s10-formats-bbbbbbbb"
+    for folder in (here, old):
+        folder.mkdir()
+    (old / "MoT-seed0.json").write_text("{}"), (old / "MTD-seed0.json").write_text("{}")
+    (here / "MTD-parallel-seed0.json").write_text("{}")
+    methods = ["mot", "mtd", "mtd-parallel", "std-left"]
+    base = bench.seed_folder(0, methods, here, training=False)
+    assert base == old  # the fullest folder is the seed's base
+    files = {m: bench.run_file(bench.Job(m, 0), base, here, across_machines=True) for m in methods}
+    assert files["mot"] == old / "MoT-seed0.json" and files["mtd"] == old / "MTD-seed0.json"
+    assert files["mtd-parallel"] == here / "MTD-parallel-seed0.json"  # held only here: read from here
+    assert files["std-left"] == here / "STD-left-seed0.json"  # held nowhere: trained here
+    assert bench.run_file(bench.Job("mtd-parallel", 0), base, here, across_machines=False) == old / files[
+        "mtd-parallel"].name  # without the flag a seed never mixes machines
+
+    cpu = {"cpu": "CPU A", "cpu_generation": "family 1 model 1", "cpu_flags": [], "torch": "1", "bitsandbytes": "2",
+           "transformers": "3", "peft": "4"}
+    other_cpu = {**cpu, "cpu": "CPU B"}
+    runs = [{"name": "MoT", "job": {"seed": 0}, "machine": cpu}, {"name": "MTD", "job": {"seed": 0}, "machine": cpu},
+            {"name": "MTD-parallel", "job": {"seed": 0}, "machine": other_cpu}]
+    crossed = bench.crossed_runs(runs, {0: cpu})
+    assert crossed == {"MTD-parallel seed 0": other_cpu}
+    summary = {"methods": {}, "machine": None, "machines_per_seed": {0: cpu}, "machines_crossed": crossed}
+    bench.quality.write_markdown(summary, tmp_path / "r.md", "cmd", 1.0)
+    text = (tmp_path / "r.md").read_text()
+    assert "(each seed's runs on one, except those named next): seed 0: CPU A" in text
+    assert "(another machine than the rest of their seed): MTD-parallel seed 0: CPU B" in text
+
+
 def test_the_learning_rate_grid_chooses_by_validation_and_breaks_ties_to_the_smaller_rate(tmp_path):
     """lr_grid.py over runs cached per rate (run.py --learning-rate): each row's rate is its best validation
     accuracy, whatever the held-out accuracy says; a tie goes to the smaller rate; a choice at the edge says so."""

@@ -319,14 +319,15 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
-def _per_seed_machines(machines: dict) -> str:
-    return "; ".join(f"seed {seed}: {describe_machine(m) if m else 'not recorded'}" for seed, m in machines.items())
+def _named_machines(machines: dict, prefix: str = "") -> str:
+    return "; ".join(f"{prefix}{name}: {describe_machine(m) if m else 'not recorded'}" for name, m in machines.items())
 
 
 def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float, title: str | None = None,
                    design: str = "benchmarks/quality/README.md", probe: str | None = None) -> None:
     seeds = sorted({s for row in summary["methods"].values() for s in row["seeds"]})
     cached = summary.get("runs_from_cache", 0)
+    crossed = summary.get("machines_crossed") or {}
     timing = f"{wall_seconds / 60:.1f} min on this machine" + (
         f"; {cached} runs were read from the cache of earlier invocations, their own seconds are in the JSON"
         if cached else "")
@@ -338,8 +339,10 @@ def write_markdown(summary: dict, path: Path, command: str, wall_seconds: float,
         probe or "Forgetting: accuracy on the student's pre-training probes at the start minus at the end.",
         "Mean +- std over seeds.",
         *([f"Machine (every run): {describe_machine(summary['machine'])}."] if summary.get("machine") else []),
-        *([f"Machines, per seed (each seed's runs on one): {_per_seed_machines(summary['machines_per_seed'])}."]
-          if summary.get("machines_per_seed") else []),
+        *([f"Machines, per seed (each seed's runs on one{', except those named next' if crossed else ''}): "
+           f"{_named_machines(summary['machines_per_seed'], 'seed ')}."] if summary.get("machines_per_seed") else []),
+        *([f"Runs paired across machines (another machine than the rest of their seed): {_named_machines(crossed)}."]
+          if crossed else []),
         "",
         f"| method | SFT steps | held-out accuracy | {'probe score' if probe else 'pre-training accuracy'} "
         "| forgetting |",

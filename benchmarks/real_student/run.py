@@ -6,6 +6,7 @@
     python benchmarks/real_student/run.py --quick          # smoke test: 1 seed, 2 rounds x 1 step (batch 2)
     python benchmarks/real_student/run.py --regime formats --exploratory mot-val-weighted   # + a method added later
     python benchmarks/real_student/run.py --regime multiply --exploratory mtd-parallel   # the second task (products)
+    python benchmarks/real_student/run.py --regime formats --methods mtd-parallel --across-machines  # pair across CPUs
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
@@ -204,21 +205,44 @@ def untrained_student(folder: str, work: Path, setting: Setting) -> tuple[Probes
     return probes, {**json.loads(start_path.read_text()), "facts_kept": facts["facts_kept"]}
 
 
+def setting_folders(here: Path) -> list[Path]:
+    """The cache folders of ``here``'s setting: this machine's first, then the other machines' (by tag)."""
+    setting = here.name.rsplit("-", 1)[0]  # a folder is "<setting>-<machine tag>"; tags have no "-"
+    others = sorted(p for p in here.parent.glob(f"{setting}-*") if p != here and p.is_dir()
+                    and re.fullmatch(rf"{re.escape(setting)}-[0-9a-f]{{8}}", p.name))  # fmt: skip
+    return [here, *others]
+
+
 def seed_folder(seed: int, methods: list[str], here: Path, training: bool) -> Path:
     """The cache folder all of a seed's runs come from. A seed's methods pair only when they ran on one machine, so
     the seed is the unit: this machine's folder (``here``), unless another machine's folder of the same setting holds
     every method of the seed, or, when only reporting, more of them. Seeds may come from different machines."""
-    setting = here.name.rsplit("-", 1)[0]  # a folder is "<setting>-<machine tag>"; tags have no "-"
-    others = sorted(p for p in here.parent.glob(f"{setting}-*") if p != here and p.is_dir()
-                    and re.fullmatch(rf"{re.escape(setting)}-[0-9a-f]{{8}}", p.name))  # fmt: skip
+    folders = setting_folders(here)
 
     def held(folder: Path) -> int:
         return sum((folder / f"{Job(m, seed).name}-seed{seed}.json").exists() for m in methods)
 
-    complete = [f for f in (here, *others) if held(f) == len(methods)]
+    complete = [f for f in folders if held(f) == len(methods)]
     if complete or training:
         return complete[0] if complete else here
-    return max((here, *others), key=held)  # the first of the fullest: this machine's on a tie
+    return max(folders, key=held)  # the first of the fullest: this machine's on a tie
+
+
+def run_file(job: Job, folder: Path, here: Path, across_machines: bool) -> Path:
+    """Where ``job``'s run is cached: in its seed's ``folder``. With ``across_machines``, a run that folder lacks is
+    read from any machine's folder of the setting that holds it, and trained here only where none does: a method
+    added after a seed's runs were made pairs with them across CPUs (the report names every crossing run's machine;
+    what crossing moves is measured, not assumed: benchmarks/real_student/README.md)."""
+    name = f"{job.name}-seed{job.seed}.json"
+    if not across_machines or (folder / name).exists():
+        return folder / name
+    return next((f / name for f in setting_folders(here) if (f / name).exists()), here / name)
+
+
+def crossed_runs(results: list[dict], base: dict[int, dict | None]) -> dict[str, dict | None]:
+    """The runs made on another machine than their seed's base folder's, by "<name> seed <n>"."""
+    return {f"{r['name']} seed {r['job']['seed']}": r["machine"] for r in results
+            if r["machine"] != base[r["job"]["seed"]]}  # fmt: skip
 
 
 def folder_machine(folder: Path) -> dict | None:
@@ -414,6 +438,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads per run (default 2, one run at a time on 2 cores); another count can change "
                         "the results in the last bits, so its runs are cached and reported apart (suffix _threads<n>)")
+    parser.add_argument("--across-machines", action="store_true",
+                        help="a method a seed's cache folder lacks is read from another machine's folder that holds "
+                        "it (trained here if none does), so a method added later pairs with seeds made elsewhere; "
+                        "the report names each crossing run's machine")  # fmt: skip
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report the runs cached so far and list the others")  # fmt: skip
     parser.add_argument("--work-dir", default=str(RUNS), help="the run cache (default: in the repository, so a "
@@ -454,9 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     quality.write_json_atomic(work / "machine.json", identity)
     start = time.perf_counter()
-    folders = {seed: seed_folder(seed, methods, work, training=not args.cached_only) for seed in seeds}
+    training = not (args.cached_only or args.across_machines)  # across machines, a seed's base is its fullest folder
+    folders = {seed: seed_folder(seed, methods, work, training) for seed in seeds}
     jobs = [Job(method, seed) for seed in seeds for method in methods]
-    cached = {job: folders[job.seed] / f"{job.name}-seed{job.seed}.json" for job in jobs}
+    cached = {job: run_file(job, folders[job.seed], work, args.across_machines) for job in jobs}
     not_run: list[str] = []
     if args.cached_only:  # report only: neither the student nor its untrained scores are computed
         not_run = [f"{job.name} seed {job.seed}" for job in jobs if not cached[job].exists()]
@@ -481,12 +510,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{final['general_nll']:.3f} ({result['seconds']:.0f}s; {time.perf_counter() - start:.0f}s elapsed)",
               flush=True)  # fmt: skip
     summary = summarize(results, setting)
-    machines = {r["job"]["seed"]: r["machine"] for r in results}
-    one_machine = len({json.dumps(m, sort_keys=True) for m in machines.values()}) == 1
+    base = {seed: folder_machine(folder) for seed, folder in folders.items()}  # work's machine.json is identity
+    machines = {seed: base[seed] for seed in sorted({r["job"]["seed"] for r in results})}
+    crossed = crossed_runs(results, base)
+    one_machine = len({json.dumps(r["machine"], sort_keys=True) for r in results}) == 1
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
                    for r in results), untrained=start_point, not_run=not_run,
                    machine=next(iter(machines.values())) if one_machine else None,
-                   machines_per_seed=None if one_machine else machines)  # fmt: skip
+                   machines_per_seed=None if one_machine else machines, machines_crossed=crossed or None)  # fmt: skip
     if (work / "known_facts.json").exists():
         summary["known_facts"] = len(json.loads((work / "known_facts.json").read_text())["known"])
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
