@@ -249,9 +249,24 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
             run = {"job": {"method": method, "seed": seed}, "name": name, "curve": [{"steps": 0, **start}, end],
                    "seconds": 1.0}  # fmt: skip
             (tmp_path / "work" / folder / f"{name}-seed{seed}.json").write_text(json.dumps(run))
-    result = grid.main(["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3",
-                        "2e-3", "--methods", "mot", "std-left", "--exploratory", "mtd-parallel", "--compare-seeds",
-                        "0", "1", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "out")])
+    elsewhere = tmp_path / "work" / f"quick-multiply-lr0.001-val4-{'0' * 8 if tag != '0' * 8 else '1' * 8}"
+    elsewhere.mkdir()  # a row added later, on another machine: read only with --across-machines
+    (elsewhere / "machine.json").write_text(json.dumps({**grid.run.quality.machine(), "cpu": "CPU B"}))
+    control = {"steps": 2, "accuracy": 0.5, "general_nll": 1.0, "validation_accuracy": 0.25}
+    (elsewhere / "MTD-parallel-seed0.json").write_text(json.dumps(
+        {"job": {"method": "mtd-parallel", "seed": 0}, "name": "MTD-parallel", "seconds": 1.0,
+         "curve": [{"steps": 0, **start}, control]}))  # fmt: skip
+    call = ["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3", "2e-3",
+            "--methods", "mot", "std-left", "--exploratory", "mtd-parallel", "--work-dir", str(tmp_path / "work"),
+            "--results-dir", str(tmp_path / "out")]  # fmt: skip
+    crossing = grid.main([*call, "--across-machines"])
+    assert crossing["rows"]["MTD-parallel"]["rates"] == {1e-3: {"validation": 0.25, "held_out": 0.5}}
+    assert crossing["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75  # the seed's own runs are still read
+    assert list(crossing["machines_crossed"]) == ["0.001: MTD-parallel seed 0"]
+    report = (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md").read_text()
+    assert "(rate: run: machine): 0.001: MTD-parallel seed 0: CPU B" in report
+    result = grid.main([*call, "--compare-seeds", "0", "1"])
+    assert "MTD-parallel" not in result["rows"] and not result["machines_crossed"]  # without the flag: one machine
     assert result["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75 and result["validation_problems"] == 4
     assert result["rows"]["MoT"]["choice"]["rate"] == 1e-3 and result["rows"]["STD-left"]["choice"]["rate"] == 2e-3
     mot, std = result["comparison"]["MoT"], result["comparison"]["STD-left"]

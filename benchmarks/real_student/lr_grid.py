@@ -85,6 +85,7 @@ def run_rate(args: argparse.Namespace, rate: float, seeds: list[int], methods: l
     call = ["--regime", args.regime, "--seeds", *map(str, seeds), "--learning-rate", f"{rate:g}",
             "--methods", *methods, "--work-dir", args.work_dir, "--results-dir", reports,
             *(["--cached-only"] if args.cached_only else []),
+            *(["--across-machines"] if args.across_machines else []),
             *(["--validation", str(args.validation)] if args.validation else []),
             *(["--quick"] if args.quick else [])]  # fmt: skip
     try:
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="then every row at its chosen rate on these seeds (training the runs not cached), "
                         "paired against MoT's: the comparison the grid is for")
     parser.add_argument("--cached-only", action="store_true", help="train nothing: the table of the cached runs")
+    parser.add_argument("--across-machines", action="store_true", help="run.py --across-machines: a row added "
+                        "later pairs with the rows cached on another machine (the table names the crossing runs)")
     parser.add_argument("--quick", action="store_true", help="smoke test (run.py --quick at each rate)")
     parser.add_argument("--work-dir", default=str(run.RUNS))
     parser.add_argument("--results-dir", default=str(run.RESULTS))
@@ -173,9 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     validation = args.validation or setting.validation
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
               "validation_problems": validation, "comparison": comparison,
-              "machine": next((s.get("machine") for s in by_rate.values() if s), None)}  # fmt: skip
+              "machine": next((s.get("machine") for s in by_rate.values() if s), None),
+              "machines_crossed": {f"{rate:g}: {name}": machine for rate, s in by_rate.items()
+                                   for name, machine in (s.get("machines_crossed") or {}).items()}}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     report = markdown(rows, rates, command, args.regime, args.seed, validation, setting.held_out)
+    if result["machines_crossed"]:  # rows added later on another machine than the rest of the seed's
+        report += ("\nRuns on another machine than the rest of their rate's seed (rate: run: machine): "
+                   f"{run.quality._named_machines(result['machines_crossed'])}.\n")
     (out / f"{stem}.md").write_text(report + (comparison_markdown(comparison) if comparison else ""))
     print((out / f"{stem}.md").read_text())
     return result
