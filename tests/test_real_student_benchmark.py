@@ -138,7 +138,7 @@ def test_a_seed_comes_whole_from_one_machine(bench, tmp_path):
     methods = ["mot", "mtd"]
 
     def put(folder, method, seed):
-        (folder / f"{bench.Job(method, seed).name}-seed{seed}.json").write_text("{}")
+        (folder / bench.Job(method, seed).file).write_text("{}")
 
     put(here, "mot", 0)
     put(other, "mot", 0), put(other, "mtd", 0)  # seed 0 complete on the other machine

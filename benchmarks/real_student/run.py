@@ -118,6 +118,11 @@ class Job:
                 "mot-val-weighted": "MoT-val-weighted", "mtd-parallel": "MTD-parallel",
                 "mot-step1.5": "MoT-step1.5", "mot-step2": "MoT-step2"}[self.method]
 
+    @property
+    def file(self) -> str:
+        """The name of its cached run in a cache folder."""
+        return f"{self.name}-seed{self.seed}.json"
+
 
 def load_student(folder: str, bf16: bool = False):
     import torch
@@ -220,7 +225,7 @@ def seed_folder(seed: int, methods: list[str], here: Path, training: bool) -> Pa
     folders = setting_folders(here)
 
     def held(folder: Path) -> int:
-        return sum((folder / f"{Job(m, seed).name}-seed{seed}.json").exists() for m in methods)
+        return sum((folder / Job(m, seed).file).exists() for m in methods)
 
     complete = [f for f in folders if held(f) == len(methods)]
     if complete or training:
@@ -233,10 +238,9 @@ def run_file(job: Job, folder: Path, here: Path, across_machines: bool) -> Path:
     read from any machine's folder of the setting that holds it, and trained here only where none does: a method
     added after a seed's runs were made pairs with them across CPUs (the report names every crossing run's machine;
     what crossing moves is measured, not assumed: benchmarks/real_student/README.md)."""
-    name = f"{job.name}-seed{job.seed}.json"
-    if not across_machines or (folder / name).exists():
-        return folder / name
-    return next((f / name for f in setting_folders(here) if (f / name).exists()), here / name)
+    if not across_machines or (folder / job.file).exists():
+        return folder / job.file
+    return next((f / job.file for f in setting_folders(here) if (f / job.file).exists()), here / job.file)
 
 
 def crossed_runs(results: list[dict], base: dict[int, dict | None]) -> dict[str, dict | None]:
