@@ -259,12 +259,17 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     call = ["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3", "2e-3",
             "--methods", "mot", "std-left", "--exploratory", "mtd-parallel", "--work-dir", str(tmp_path / "work"),
             "--results-dir", str(tmp_path / "out")]  # fmt: skip
-    crossing = grid.main([*call, "--across-machines"])
+    crossing = grid.main([*call, "--across-machines", "--compare-seeds", "0"])
     assert crossing["rows"]["MTD-parallel"]["rates"] == {1e-3: {"validation": 0.25, "held_out": 0.5}}
     assert crossing["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75  # the seed's own runs are still read
     assert list(crossing["machines_crossed"]) == ["0.001: MTD-parallel seed 0"]
+    assert crossing["comparison"]["MTD-parallel"]["machines"][0]["cpu"] == "CPU B"  # the run's own machine
+    assert crossing["comparison"]["MoT"]["machines"][0]["cpu"] != "CPU B"  # and MoT's, its seed's
     report = (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md").read_text()
     assert "(rate: run: machine): 0.001: MTD-parallel seed 0: CPU B" in report
+    assert "| facts kept | machine, per seed |" in report  # the comparison names each run's CPU
+    assert "| MTD-parallel | 0.001 | 0 | 0.500 +- 0.000 (0.50) |" in report and report.count(" | B |") == 1
+    assert "Machines: A: " in report and "; B: CPU B" in report
     result = grid.main([*call, "--compare-seeds", "0", "1"])
     assert "MTD-parallel" not in result["rows"] and not result["machines_crossed"]  # without the flag: one machine
     assert result["rows"]["MoT"]["rates"][1e-3]["validation"] == 0.75 and result["validation_problems"] == 4
@@ -275,6 +280,7 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     assert std["mot_minus"]["values"] == [-0.25, 0.25] and std["forgetting"]["mean"] == 0.25
     report = (tmp_path / "out" / "real_student_lr_grid_quick_multiply.md").read_text()
     assert "4 validation problems (what chooses) / on the 4 held-out problems" in report
+    assert "machine, per seed" not in report and "cross CPUs" not in report  # one machine: no column
     assert "| MoT | 0.75 / 0.25 | 0.50 / 1.00 |" in report
     assert "| STD-left | 0.002 | 0, 1 | 0.375 +- 0.177 (0.50, 0.25) | 0.000 +- 0.354 (-0.25, +0.25) |" in report
     with pytest.raises(SystemExit):

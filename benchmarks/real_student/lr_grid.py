@@ -107,13 +107,13 @@ def compare(args: argparse.Namespace, rows: dict[str, dict], reports: str) -> di
     table: dict[str, dict] = {}
     for rate, labels in sorted(chosen.items()):
         summary = run_rate(args, rate, args.compare_seeds, sorted(set(labels.values())), reports)
-        for label in labels:
+        for label, method in labels.items():
             if label in summary.get("methods", {}):
                 row = summary["methods"][label]
                 facts = summary["facts"].get(label)
                 table[label] = {"rate": rate, "seeds": row["seeds"], "accuracy": row["accuracy"],
-                                "forgetting": row["forgetting"],
-                                "facts_kept": facts and facts["facts_kept"]}  # fmt: skip
+                                "forgetting": row["forgetting"], "facts_kept": facts and facts["facts_kept"],
+                                "machines": run_machines(summary, run.Job(method, 0).name, row["seeds"])}  # fmt: skip
     for label, row in table.items():
         paired = run.quality.paired_difference(table["MoT"], row) if "MoT" in table and label != "MoT" else None
         if paired:
@@ -121,22 +121,43 @@ def compare(args: argparse.Namespace, rows: dict[str, dict], reports: str) -> di
     return table
 
 
+def run_machines(summary: dict, name: str, seeds: list[int]) -> list[dict | None]:
+    """The machine each seed's run of ``name`` was made on, from a run.py summary: its seed's, or, for a run read
+    across machines, its own. Rows at different rates come from different cache folders, so their pairing may cross
+    CPUs even without ``--across-machines``."""
+    crossed = summary.get("machines_crossed") or {}
+    per_seed = summary.get("machines_per_seed") or {}
+    return [crossed[f"{name} seed {seed}"] if f"{name} seed {seed}" in crossed
+            else summary.get("machine") or per_seed.get(seed) for seed in seeds]  # fmt: skip
+
+
 def comparison_markdown(table: dict[str, dict]) -> str:
-    """The comparison at the chosen rates: one row per method, paired differences against MoT."""
+    """The comparison at the chosen rates: one row per method, paired differences against MoT; where its runs come
+    from more than one CPU, the machine of each seed's run (A, B, ... named below the table)."""
+    machines = list(dict.fromkeys(json.dumps(m, sort_keys=True) for row in table.values()
+                                  for m in row.get("machines", [])))  # fmt: skip
+    crossing = len(machines) > 1
     lines = ["", "## Each row at its chosen rate", "",
              "Held-out accuracy over the seeds each row has at its rate (mean +- std, then per seed); MoT minus the "
              "row, paired on the seeds both have; forgetting: the NLL probe's rise and the facts still stated.", "",
-             "| row | rate | seeds | accuracy | MoT minus it, paired | NLL forgetting | facts kept |",
-             "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| row | rate | seeds | accuracy | MoT minus it, paired | NLL forgetting | facts kept |"
+             + (" machine, per seed |" if crossing else ""),
+             "|---|---:|---|---:|---:|---:|---:|" + ("---|" if crossing else "")]  # fmt: skip
     for label, row in table.items():
         per_seed = ", ".join(f"{v:.2f}" for v in row["accuracy"]["values"])
         paired = row.get("mot_minus")
         paired_cell = (f"{run.quality._fmt(paired)} ({', '.join(f'{v:+.2f}' for v in paired['values'])})"
                        if paired else "")  # fmt: skip
         facts = run.quality._fmt(row["facts_kept"]) if row["facts_kept"] else "-"
+        letters = ", ".join(chr(65 + machines.index(json.dumps(m, sort_keys=True))) for m in row["machines"])
         lines.append(f"| {label} | {row['rate']:g} | {', '.join(map(str, row['seeds']))} | "
                      f"{run.quality._fmt(row['accuracy'])} ({per_seed}) | {paired_cell} | "
-                     f"{run.quality._fmt(row['forgetting'])} | {facts} |")
+                     f"{run.quality._fmt(row['forgetting'])} | {facts} |" + (f" {letters} |" if crossing else ""))
+    if crossing:
+        named = {chr(65 + i): json.loads(m) for i, m in enumerate(machines)}
+        lines += ["", "The pairings cross CPUs (each rate's runs come from its own cache folders), which moves a "
+                  "run's result by about a problem or two: benchmarks/real_student/README.md. Machines: "
+                  f"{run.quality._named_machines(named)}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
