@@ -12,7 +12,9 @@ the 100 scored ones).
 Each rate is one ``run.py --learning-rate <rate>`` (its own cache folder, so the grid resumes in a later session);
 this script only reads their validation accuracies and applies the rule written in README.md before the grid ran:
 the best validation accuracy wins, a tie goes to the smaller rate, and a choice at the grid's edge asks for the
-next rate beyond it. Writes benchmarks/results/real_student_lr_grid{_<regime>}.{json,md}.
+next rate beyond it. The comparison pairs rows read from different rates' folders, so it may pair runs made on
+different CPUs; its table then names each seed's run's machine. Writes
+benchmarks/results/real_student_lr_grid{_<regime>}.{json,md}.
 """
 
 from __future__ import annotations
