@@ -157,8 +157,8 @@ def comparison_markdown(table: dict[str, dict]) -> str:
                      f"{run.quality._fmt(row['forgetting'])} | {facts} |" + (f" {letters} |" if crossing else ""))
     if crossing:
         named = {chr(65 + i): json.loads(m) for i, m in enumerate(machines)}
-        lines += ["", "The pairings cross CPUs (each rate's runs come from its own cache folders), which moves a "
-                  "run's result by about a problem or two: benchmarks/real_student/README.md. Machines: "
+        lines += ["", "The pairings cross CPUs (each rate's runs come from its own cache folders); what crossing "
+                  "moves is measured, not assumed: benchmarks/real_student/README.md. Machines: "
                   f"{run.quality._named_machines(named)}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
