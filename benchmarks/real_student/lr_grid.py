@@ -115,22 +115,13 @@ def compare(args: argparse.Namespace, rows: dict[str, dict], reports: str) -> di
                 facts = summary["facts"].get(label)
                 table[label] = {"rate": rate, "seeds": row["seeds"], "accuracy": row["accuracy"],
                                 "forgetting": row["forgetting"], "facts_kept": facts and facts["facts_kept"],
-                                "machines": run_machines(summary, run.Job(method, 0).name, row["seeds"])}  # fmt: skip
+                                "machines": [summary["run_machines"][run.Job(method, 0).name][seed]
+                                             for seed in row["seeds"]]}  # fmt: skip
     for label, row in table.items():
         paired = run.quality.paired_difference(table["MoT"], row) if "MoT" in table and label != "MoT" else None
         if paired:
             row["mot_minus"] = paired
     return table
-
-
-def run_machines(summary: dict, name: str, seeds: list[int]) -> list[dict | None]:
-    """The machine each seed's run of ``name`` was made on, from a run.py summary: its seed's, or, for a run read
-    across machines, its own. Rows at different rates come from different cache folders, so their pairing may cross
-    CPUs even without ``--across-machines``."""
-    crossed = summary.get("machines_crossed") or {}
-    per_seed = summary.get("machines_per_seed") or {}
-    return [crossed[f"{name} seed {seed}"] if f"{name} seed {seed}" in crossed
-            else summary.get("machine") or per_seed.get(seed) for seed in seeds]  # fmt: skip
 
 
 def comparison_markdown(table: dict[str, dict]) -> str:

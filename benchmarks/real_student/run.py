@@ -518,10 +518,14 @@ def main(argv: list[str] | None = None) -> dict:
     machines = {seed: base[seed] for seed in sorted({r["job"]["seed"] for r in results})}
     crossed = crossed_runs(results, base)
     one_machine = len({json.dumps(r["machine"], sort_keys=True) for r in results}) == 1
+    run_machines: dict[str, dict[int, dict | None]] = {}  # by run name and seed: what a caller pairing runs names
+    for r in results:
+        run_machines.setdefault(r["name"], {})[r["job"]["seed"]] = r["machine"]
     summary.update(wall_seconds=time.perf_counter() - start, runs_from_cache=sum(bool(r.pop("cached", False))
                    for r in results), untrained=start_point, not_run=not_run,
                    machine=next(iter(machines.values())) if one_machine else None,
-                   machines_per_seed=None if one_machine else machines, machines_crossed=crossed or None)  # fmt: skip
+                   machines_per_seed=None if one_machine else machines, machines_crossed=crossed or None,
+                   run_machines=run_machines)  # fmt: skip
     if (work / "known_facts.json").exists():
         summary["known_facts"] = len(json.loads((work / "known_facts.json").read_text())["known"])
     summary["command"] = ("python benchmarks/real_student/run.py " + " ".join(argv if argv is not None
