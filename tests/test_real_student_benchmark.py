@@ -289,3 +289,31 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     with pytest.raises(SystemExit):  # the grid stops on it too, rather than skipping every rate
         grid.main(["--validation", "201", "--cached-only", "--work-dir", str(tmp_path / "refused")])
     assert "--validation: 1 to 200" in capsys.readouterr().err
+
+
+def test_more_rounds_scale_every_baselines_steps_and_are_cached_and_reported_apart(bench, tmp_path):
+    """run.py --rounds T: MTD reads at T*S steps (MTD-<T*S>) and ends at K*T*S (MTD-<K*T*S>), so the baselines stay
+    at MoT's sequential steps and compute; its runs go to their own folder and report (_rounds<T>), and lr_grid.py
+    --rounds T reads them there (here T=3 against --quick's 2: MTD-3 and MTD-12)."""
+    grid = load_benchmark("real_student/lr_grid.py")
+    work, results = tmp_path / "work", tmp_path / "results"
+    common = ["--quick", "--threads", "1", "--regime", "multiply", "--validation", "4", "--work-dir", str(work)]
+    summary = grid.run.main([*common, "--rounds", "3", "--learning-rate", "1e-3", "--methods", "mtd",
+                             "--results-dir", str(results)])  # fmt: skip
+    assert {label: row["steps"] for label, row in summary["methods"].items()} == {"MTD-3": 3, "MTD-12": 12}
+    saved = json.loads((results / "real_student_quick_multiply_lr0.001_val4_rounds3_threads1.json").read_text())
+    assert [p["steps"] for p in saved["runs"][0]["curve"]] == [0, 3, 6, 9, 12]
+    tag = grid.run.quality.machine_tag(grid.run.quality.machine())
+    assert [p.name for p in work.iterdir()] == [f"quick-multiply-lr0.001-val4-rounds3-threads1-{tag}"]
+    assert "T=3, S=1" in (results / "real_student_quick_multiply_lr0.001_val4_rounds3_threads1.md").read_text()
+    # the grid's reading: only T=3's folder holds runs, so at the default T nothing is cached
+    call = ["--quick", "--cached-only", "--regime", "multiply", "--validation", "4", "--rates", "1e-3", "--methods",
+            "mtd", "--work-dir", str(work), "--results-dir", str(tmp_path / "grid")]  # fmt: skip
+    for folder in work.iterdir():  # lr_grid reads run.py's two-thread folders: the same runs, renamed for it
+        folder.rename(work / folder.name.replace("-threads1", ""))
+    result = grid.main([*call, "--rounds", "3", "--compare-seeds", "0"])
+    assert set(result["rows"]) == {"MTD-3", "MTD-12"} and result["rows"]["MTD-12"]["choice"]["rate"] == 1e-3
+    assert result["comparison"]["MTD-12"]["accuracy"]["values"] == [summary["methods"]["MTD-12"]["accuracy"]["mean"]]
+    report = (tmp_path / "grid" / "real_student_lr_grid_quick_multiply_rounds3.md").read_text()
+    assert report.startswith("# Learning rate per method: SmolLM2-135M-Instruct in nf4, multiply regime, seed 0, T=3")
+    assert grid.main(call)["rows"] == {}  # the default T's folder has none of them

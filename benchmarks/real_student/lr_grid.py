@@ -8,6 +8,7 @@ the 100 scored ones).
     python benchmarks/real_student/lr_grid.py --compare-seeds 0 1 2   # then each row at its chosen rate, 3 seeds
     python benchmarks/real_student/lr_grid.py --regime multiply --validation 200 --rates 5e-4 1e-3 2e-3 \
         --methods mot std-left --exploratory mtd-parallel     # the products grid: 200 validation problems
+    python benchmarks/real_student/lr_grid.py --regime multiply --validation 200 --rounds 10 ...   # T=10's runs
 
 Each rate is one ``run.py --learning-rate <rate>`` (its own cache folder, so the grid resumes in a later session);
 this script only reads their validation accuracies and applies the rule written in README.md before the grid ran:
@@ -62,8 +63,10 @@ def grid_table(by_rate: dict[float, dict], rates: list[float]) -> dict[str, dict
 
 
 def markdown(rows: dict[str, dict], rates: list[float], command: str, regime: str, seed: int,
-             validation: int = run.Setting.validation, held_out: int = run.Setting.held_out) -> str:  # fmt: skip
-    lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}", "",
+             validation: int = run.Setting.validation, held_out: int = run.Setting.held_out,
+             rounds: int | None = None) -> str:  # fmt: skip
+    lines = [f"# Learning rate per method: SmolLM2-135M-Instruct in nf4, {regime} regime, seed {seed}"
+             + ("" if rounds is None else f", T={rounds} rounds"), "",
              f"Command: `{command}`. Design and rule: benchmarks/real_student/README.md. Each cell: accuracy on the "
              f"{validation} validation problems (what chooses) / on the {held_out} held-out problems (reported, "
              "never used to choose). "
@@ -89,6 +92,7 @@ def run_rate(args: argparse.Namespace, rate: float, seeds: list[int], methods: l
             *(["--cached-only"] if args.cached_only else []),
             *(["--across-machines"] if args.across_machines else []),
             *(["--validation", str(args.validation)] if args.validation else []),
+            *(["--rounds", str(args.rounds)] if args.rounds else []),
             *(["--quick"] if args.quick else [])]  # fmt: skip
     try:
         return run.main(call)
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exploratory", nargs="+", choices=list(run.EXPLORATORY), default=list(EXPLORATORY))
     parser.add_argument("--validation", type=int, default=None, help="validation problems (run.py --validation; "
                         f"default {run.Setting.validation})")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds T (run.py --rounds; default "
+                        f"{run.Setting.rounds}): read the runs made with it, reported apart (suffix _rounds<T>)")
     parser.add_argument("--compare-seeds", type=int, nargs="+", default=None,
                         help="then every row at its chosen rate on these seeds (training the runs not cached), "
                         "paired against MoT's: the comparison the grid is for")
@@ -184,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
                else sys.argv[1:])).strip()  # fmt: skip
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "real_student_lr_grid" + ("_quick" if args.quick else "") + (
-        "" if args.regime == "shared" else f"_{args.regime}")
+    stem = ("real_student_lr_grid" + ("_quick" if args.quick else "") + ("" if args.regime == "shared" else
+            f"_{args.regime}") + ("" if args.rounds is None else f"_rounds{args.rounds}"))  # fmt: skip
     setting = run.QUICK if args.quick else run.Setting()  # the problem counts the runs were scored on
     validation = args.validation or setting.validation
     result = {"command": command, "regime": args.regime, "seed": args.seed, "rates": rates, "rows": rows,
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
               "machines_crossed": {f"{rate:g}: {name}": machine for rate, s in by_rate.items()
                                    for name, machine in (s.get("machines_crossed") or {}).items()}}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    report = markdown(rows, rates, command, args.regime, args.seed, validation, setting.held_out)
+    report = markdown(rows, rates, command, args.regime, args.seed, validation, setting.held_out, args.rounds)
     if result["machines_crossed"]:  # rows added later on another machine than the rest of the seed's
         report += ("\nRuns on another machine than the rest of their rate's seed (rate: run: machine): "
                    f"{run.quality._named_machines(result['machines_crossed'])}.\n")

@@ -7,6 +7,7 @@
     python benchmarks/real_student/run.py --regime formats --exploratory mot-val-weighted   # + a method added later
     python benchmarks/real_student/run.py --regime multiply --exploratory mtd-parallel   # the second task (products)
     python benchmarks/real_student/run.py --regime formats --methods mtd-parallel --across-machines  # pair across CPUs
+    python benchmarks/real_student/run.py --regime multiply --rounds 10 --methods mot   # T=10 (baselines' steps follow)
 
 The design (task, teachers, methods, settings, reporting rule) was written down before the first run:
 benchmarks/real_student/README.md. Every method is a MoTTrainer run (the baselines through
@@ -439,6 +440,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"validation problems (default {Setting.validation}; at most {HELD_OUT - Setting.held_out}"
                         "): what the learning-rate grid chooses by; given, the runs are cached and reported apart "
                         "(suffix _val<n>)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds T (default {Setting.rounds}; --quick {QUICK.rounds}); every baseline's steps "
+                        "follow it (STD and MTD-<T*S>: T*S, MTD-<K*T*S>: K*T*S); given, the runs are cached and "
+                        "reported apart (suffix _rounds<T>)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads per run (default 2, one run at a time on 2 cores); another count can change "
                         "the results in the last bits, so its runs are cached and reported apart (suffix _threads<n>)")
@@ -472,6 +477,10 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--validation: 1 to {HELD_OUT - setting.held_out} (the held-out problems after the "
                          f"{setting.held_out} scored ones)")
         setting = dataclasses.replace(setting, validation=args.validation)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            parser.error("--rounds: at least 1")
+        setting = dataclasses.replace(setting, rounds=args.rounds)
     if args.threads < 1:
         parser.error("--threads: at least 1")
     torch.set_num_threads(args.threads)  # the untrained student's scores and every run: all cached under this count
@@ -479,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
     regime = ("" if args.regime == "shared" else f"-{args.regime}") + ("-bf16" if args.bf16 else "")
     regime += "" if args.learning_rate is None else f"-lr{args.learning_rate:g}"
     regime += "" if args.validation is None else f"-val{args.validation}"
+    regime += "" if args.rounds is None else f"-rounds{args.rounds}"
     regime += "" if args.threads == 2 else f"-threads{args.threads}"
     tag = ("quick" if args.quick else f"s{setting.steps_per_round}") + regime
     identity = quality.machine()  # runs are cached per machine: one seed's results differ between CPUs
@@ -535,7 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
     suffix = "_quick" if args.quick else ("" if setting.steps_per_round == 10 else f"_s{setting.steps_per_round}")
     suffix += regime.replace("-", "_") + ("_exploratory" if set(methods) & set(EXPLORATORY) else "")
     (out / f"real_student{suffix}.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
-    title = f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, S={setting.steps_per_round}, {args.regime} regime"
+    title = (f"# Real-student benchmark: SmolLM2-135M-Instruct in nf4, T={setting.rounds}, "
+             f"S={setting.steps_per_round}, {args.regime} regime")
     quality.write_markdown(summary, out / f"real_student{suffix}.md", summary["command"], summary["wall_seconds"],
                            title=title, design="benchmarks/real_student/README.md", probe=PROBE)  # fmt: skip
     with open(out / f"real_student{suffix}.md", "a") as report:
