@@ -291,7 +291,7 @@ def test_more_validation_problems_are_cached_and_reported_apart(tmp_path, capsys
     assert "--validation: 1 to 200" in capsys.readouterr().err
 
 
-def test_more_rounds_scale_every_baselines_steps_and_are_cached_and_reported_apart(bench, tmp_path):
+def test_more_rounds_scale_every_baselines_steps_and_are_cached_and_reported_apart(bench, tmp_path, capsys):
     """run.py --rounds T: MTD reads at T*S steps (MTD-<T*S>) and ends at K*T*S (MTD-<K*T*S>), so the baselines stay
     at MoT's sequential steps and compute; its runs go to their own folder and report (_rounds<T>), and lr_grid.py
     --rounds T reads them there (here T=3 against --quick's 2: MTD-3 and MTD-12)."""
@@ -317,3 +317,6 @@ def test_more_rounds_scale_every_baselines_steps_and_are_cached_and_reported_apa
     report = (tmp_path / "grid" / "real_student_lr_grid_quick_multiply_rounds3.md").read_text()
     assert report.startswith("# Learning rate per method: SmolLM2-135M-Instruct in nf4, multiply regime, seed 0, T=3")
     assert grid.main(call)["rows"] == {}  # the default T's folder has none of them
+    with pytest.raises(SystemExit):  # refused by run.py, not read as the default T and reported as _rounds0
+        grid.main([*call, "--rounds", "0"])
+    assert "--rounds: at least 1" in capsys.readouterr().err

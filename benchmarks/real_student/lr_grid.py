@@ -91,8 +91,8 @@ def run_rate(args: argparse.Namespace, rate: float, seeds: list[int], methods: l
             "--methods", *methods, "--work-dir", args.work_dir, "--results-dir", reports,
             *(["--cached-only"] if args.cached_only else []),
             *(["--across-machines"] if args.across_machines else []),
-            *(["--validation", str(args.validation)] if args.validation else []),
-            *(["--rounds", str(args.rounds)] if args.rounds else []),
+            *(["--validation", str(args.validation)] if args.validation is not None else []),
+            *(["--rounds", str(args.rounds)] if args.rounds is not None else []),
             *(["--quick"] if args.quick else [])]  # fmt: skip
     try:
         return run.main(call)
