@@ -101,6 +101,12 @@ def test_summary_reports_the_last_round_and_paired_differences(quality, tmp_path
     assert "| merge kept norm | - | 0.650 +- 0.071 | 0.750 +- 0.071 |" in (tmp_path / "q.md").read_text()
 
 
+def test_a_mean_paired_difference_of_zero_prints_without_a_sign(quality):
+    # (+0.02, -0.02) averages to a float a hair below zero, which "%.3f" would print as -0.000
+    assert quality._fmt(quality._mean_std([0.14 - 0.12, 0.14 - 0.16])) == "0.000 +- 0.028"
+    assert quality._fmt(quality._mean_std([-0.05, -0.06])) == "-0.055 +- 0.007"
+
+
 def test_runs_are_cached_per_machine_and_the_report_names_it(quality, tmp_path):
     """One seed's run differs between CPUs (README.md), so the cache is per machine and a report says which."""
     import hardware  # benchmarks/hardware.py, on the path once the benchmark is loaded

@@ -316,7 +316,8 @@ def paired_difference(row: dict, other: dict) -> dict | None:
 
 
 def _fmt(stat: dict) -> str:
-    return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
+    """``mean +- std`` to 3 decimals; a mean that rounds to zero prints 0.000, not -0.000."""
+    return f"{round(stat['mean'], 3) + 0.0:.3f} +- {stat['std']:.3f}"
 
 
 def _named_machines(machines: dict, prefix: str = "") -> str:
