@@ -102,8 +102,8 @@ def test_summary_reports_the_last_round_and_paired_differences(quality, tmp_path
 
 
 def test_a_mean_paired_difference_of_zero_prints_without_a_sign(quality):
-    # (+0.02, -0.02) averages to a float a hair below zero, which "%.3f" would print as -0.000
-    assert quality._fmt(quality._mean_std([0.14 - 0.12, 0.14 - 0.16])) == "0.000 +- 0.028"
+    # MoT (0.16, 0.12) minus MTD (0.14, 0.14): a mean a hair below zero, which "%.3f" alone prints as -0.000
+    assert quality._fmt(quality._mean_std([0.16 - 0.14, 0.12 - 0.14])) == "0.000 +- 0.028"
     assert quality._fmt(quality._mean_std([-0.05, -0.06])) == "-0.055 +- 0.007"
 
 
