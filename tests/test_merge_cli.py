@@ -60,9 +60,11 @@ def test_linear_is_the_exact_weighted_mean_with_mixed_ranks(loras, qwen3_dir, tm
     assert config["r"] == 6 and config["base_model_name_or_path"] == qwen3_dir  # 4 + 2 on the shared q_proj
     assert json.loads((out / "mot_export.json").read_text())["relative_error_total"] == 0.0
     # PEFT's own exact combination ("cat") with the same normalized weights agrees.
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen3_dir), loras[0], adapter_name="a")
-    model.load_adapter(loras[1], adapter_name="b")
-    model.add_weighted_adapter(["a", "b"], [0.75, 0.25], "cat", combination_type="cat")
+    # Not "a" and "b": PEFT 0.22's load_adapter reports the first adapter's keys as missing from the second's
+    # checkpoint when they contain the second's name ("b" is in "base_model"), a false warning.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen3_dir), loras[0], adapter_name="first")
+    model.load_adapter(loras[1], adapter_name="second")
+    model.add_weighted_adapter(["first", "second"], [0.75, 0.25], "cat", combination_type="cat")
     for name, layer in lora_layers(model).items():
         peft_delta = layer.lora_B["cat"].weight.double() @ layer.lora_A["cat"].weight.double() * layer.scaling["cat"]
         assert torch.allclose(peft_delta, expected[name], atol=1e-6), name
